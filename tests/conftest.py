@@ -1,0 +1,24 @@
+"""Shared fixtures: the real traces in ../shared/data and the tiny model builder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MOEPLACE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real traces recorded by others); tests that need it skip when absent."""
+    if not (SHARED_DATA / "traces" / "dsv2lite_puffin_a.npz").exists():
+        pytest.skip(f"shared real traces not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dsv2_trace_path(shared_data: Path) -> Path:
+    return shared_data / "traces" / "dsv2lite_puffin_a.npz"

@@ -1,0 +1,65 @@
+"""`moeplace` command line: one subcommand per module under `vllm_moeplace/cli/`.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int`, and is imported only
+when its command runs, so `moeplace solve` never imports vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vllm_moeplace.errors import MoeplaceError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny-model": ("vllm_moeplace.cli.tiny_model", "build a tiny random-weight MoE model + local tokenizer"),
+    "random-plan": ("vllm_moeplace.cli.random_plan", "write a seeded random-permutation plan for a model"),
+    "profile": ("vllm_moeplace.cli.profile", "run a model in vLLM and record router top-k per token"),
+    "import": ("vllm_moeplace.cli.import_trace", "convert a published routing trace to the native .npz"),
+    "analyze": ("vllm_moeplace.cli.analyze", "report routing statistics of a trace (markdown + PNG)"),
+    "synth": ("vllm_moeplace.cli.synth", "generate a synthetic routing trace with realistic structure"),
+    "solve": ("vllm_moeplace.cli.solve", "compute a topology-aware placement plan (CP-SAT)"),
+    "baseline": ("vllm_moeplace.cli.baseline", "write a baseline plan (linear, round_robin, eplb, greedy)"),
+    "evaluate": ("vllm_moeplace.cli.evaluate", "score plans and baselines on a trace"),
+    "validate": ("vllm_moeplace.cli.validate", "check a plan file against the specification"),
+    "bench": ("vllm_moeplace.cli.bench", "serving benchmark: default layout vs plans on real vLLM"),
+    "demo": ("vllm_moeplace.cli.demo", "the main job end to end on the embedded default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeplace", description="Expert placement for MoE serving in vLLM.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints help or the usage error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"moeplace: command '{name}' is not available in this build", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"moeplace {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except MoeplaceError as e:
+        print(f"moeplace {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
