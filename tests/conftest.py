@@ -22,3 +22,23 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def dsv2_trace_path(shared_data: Path) -> Path:
     return shared_data / "traces" / "dsv2lite_puffin_a.npz"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Build (once per session and spec) a tiny random-weight MoE checkpoint folder.
+
+    Usage: `path = tiny_model_factory(arch="qwen3_moe", num_layers=2, num_experts=8)`.
+    """
+    from vllm_moeplace.tiny_model import TinyModelSpec, build_tiny_model
+
+    cache: dict = {}
+
+    def make(**kw) -> Path:
+        spec = TinyModelSpec(**kw)
+        if spec not in cache:
+            d = tmp_path_factory.mktemp(f"tiny_{spec.arch}")
+            cache[spec] = build_tiny_model(d, spec)
+        return cache[spec]
+
+    return make

@@ -1,0 +1,228 @@
+"""The embedded default model: a tiny random-weight MoE checkpoint + a locally trained tokenizer.
+
+No model hub is reachable on our machines (and CI must not depend on one), so tests, the demo and
+the benchmarks build their model here: a real Hugging Face checkpoint folder (config.json,
+safetensors, tokenizer) that vLLM loads exactly like a downloaded one. Weights are random, so
+outputs are meaningless but deterministic for a seed; routing is what we care about.
+
+The vLLM CPU MoE kernel wants hidden and expert sizes divisible by 32 (see
+../shared/notes/vllm-cpu.md); DeepSeek-V2's CPU MLA backend only supports a 576-wide latent
+(kv_lora_rank 512 + qk_rope_head_dim 64), so that arch is bigger than the others.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vllm_moeplace.errors import MoeplaceError
+
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2")
+
+# A small, varied corpus for the tokenizer and the default prompt set: code, science, chat, maths,
+# so that a profiled trace has domain labels with different routing.
+CORPUS: dict[str, list[str]] = {
+    "code": [
+        "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+        "for i in range(10):\n    print(i * i)",
+        "import numpy as np\nx = np.arange(16).reshape(4, 4)\nprint(x.T @ x)",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n        self.items.append(x)",
+        "SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC;",
+        "fn main() { let v: Vec<u32> = (0..5).collect(); println!(\"{:?}\", v); }",
+    ],
+    "science": [
+        "Photosynthesis converts light energy into chemical energy stored in glucose.",
+        "The mitochondria is the organelle that produces most of the cell's ATP.",
+        "Newton's second law states that force equals mass times acceleration.",
+        "Water boils at one hundred degrees Celsius at sea level pressure.",
+        "DNA is a double helix made of nucleotides: adenine, thymine, guanine and cytosine.",
+        "Electrons occupy orbitals around the nucleus according to quantum numbers.",
+    ],
+    "chat": [
+        "Hello! How are you doing today? I hope the weather is nice where you are.",
+        "Can you recommend a good book to read on a rainy weekend?",
+        "Thanks for your help yesterday, the recipe turned out great.",
+        "What is your favourite movie, and why do you like it so much?",
+        "Please write a short poem about the sea and the stars at night.",
+        "I am planning a trip to the mountains next month. Any advice?",
+    ],
+    "math": [
+        "Solve for x: 3x + 7 = 22. Subtract seven, then divide by three: x = 5.",
+        "The derivative of x squared is two x, and the integral of two x is x squared plus C.",
+        "A prime number has exactly two divisors: one and itself. 2, 3, 5, 7, 11, 13.",
+        "The sum of the angles of a triangle is one hundred eighty degrees.",
+        "Let G be a group and H a subgroup; the index of H divides the order of G.",
+        "Compute 17 * 23 = 391 and 391 mod 7 = 6.",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    arch: str = "qwen3_moe"
+    num_layers: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_size: int = 128
+    moe_intermediate_size: int = 64
+    vocab_size: int = 512
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    first_dense_layers: int = 0
+    """Leading dense (non-MoE) decoder layers (DeepSeek-V2 `first_k_dense_replace`, Qwen `mlp_only_layers`)."""
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.arch not in ARCHS:
+            raise MoeplaceError(f"tiny-model: --arch {self.arch!r} unknown; choose one of {', '.join(ARCHS)}")
+        for name in ("hidden_size", "moe_intermediate_size"):
+            if getattr(self, name) % 32:
+                raise MoeplaceError(f"tiny-model: {name}={getattr(self, name)} must be divisible by 32 (vLLM CPU MoE kernel)")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise MoeplaceError(f"tiny-model: top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        if not 0 <= self.first_dense_layers < self.num_layers:
+            raise MoeplaceError(
+                f"tiny-model: first_dense_layers={self.first_dense_layers} must leave a MoE layer among {self.num_layers}"
+            )
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise MoeplaceError("tiny-model: heads must divide hidden_size and kv heads must divide heads")
+
+
+def moe_layer_indices(spec: TinyModelSpec) -> list[int]:
+    return list(range(spec.first_dense_layers, spec.num_layers))
+
+
+def _hf_config(spec: TinyModelSpec):
+    import transformers
+
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    dense = list(range(spec.first_dense_layers))
+    if spec.arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common,
+            intermediate_size=spec.moe_intermediate_size * 2,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+            head_dim=spec.hidden_size // spec.num_attention_heads,
+        )
+    if spec.arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common,
+            intermediate_size=spec.moe_intermediate_size * 2,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            shared_expert_intermediate_size=spec.moe_intermediate_size * 2,
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+        )
+    if spec.arch == "mixtral":
+        if spec.first_dense_layers:
+            raise MoeplaceError("tiny-model: mixtral has no dense layers (first_dense_layers must be 0)")
+        common.pop("pad_token_id")
+        return transformers.MixtralConfig(
+            **common,
+            intermediate_size=spec.moe_intermediate_size,
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            head_dim=spec.hidden_size // spec.num_attention_heads,
+        )
+    # deepseek_v2: MLA attention with the only latent width the CPU backend supports; MLA has
+    # one KV head per query head.
+    common["num_key_value_heads"] = spec.num_attention_heads
+    return transformers.DeepseekV2Config(
+        **common,
+        intermediate_size=spec.moe_intermediate_size * 2,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        n_routed_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        n_shared_experts=1,
+        first_k_dense_replace=spec.first_dense_layers,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    )
+
+
+def _train_tokenizer(vocab_size: int, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [t for items in CORPUS.values() for t in items] * 4
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    # A minimal chat template so /v1/chat/completions works too.
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    fast.save_pretrained(out)
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None, **overrides) -> Path:
+    """Write a tiny random-weight MoE checkpoint folder that vLLM and transformers load offline.
+
+    Deterministic for a given spec (weights from `torch.manual_seed(spec.seed)`).
+    """
+    import torch
+    import transformers
+
+    spec = TinyModelSpec(**{**asdict(spec or TinyModelSpec()), **overrides})
+    spec.check()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _hf_config(spec)
+    torch.manual_seed(spec.seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Larger-than-default init so that routing is not near-uniform noise: distinct experts get
+    # distinct, input-dependent scores, as in a trained model.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    _train_tokenizer(spec.vocab_size, out)
+    (out / "moeplace_tiny_model.json").write_text(
+        json.dumps({"spec": asdict(spec), "moe_layers": moe_layer_indices(spec)}, indent=1) + "\n"
+    )
+    return out
+
+
+def default_prompts() -> list[dict[str, str]]:
+    """The embedded warm-up prompt set: JSON-lines records with `prompt` and `label`."""
+    return [{"prompt": t, "label": label} for label, items in CORPUS.items() for t in items]
