@@ -1,0 +1,284 @@
+"""Placement metrics, exactly as defined in issue 4 and docs/metrics.md.
+
+For a token t at MoE layer l with chosen experts X, ranks 0..R-1 grouped into nodes, the token's
+origin rank o uniform over all ranks and independent of its routing:
+
+- host(o, e): the rank serving expert e for origin o = o itself if o holds a copy, else the
+  lowest-numbered rank on o's node holding a copy, else the lowest-numbered rank holding a copy.
+- rank_sends = mean_o |{host(o, e) : e in X} \\ {o}|          (distinct remote ranks)
+- node_sends = mean_o |{node(host(o, e)) : e in X} \\ {node(o)}|  (distinct remote nodes)
+- hop_cost   = mean_o sum_{e in X} link_cost[node(o)][node(host(o, e))]   (pairs, not deduplicated)
+- inter_layer_node_sends = mean_o |N_{l+1}(o) \\ N_l(o)| over consecutive MoE layers (l, l+1),
+  N_l(o) = {node(host(o, e)) : e in X_l}: the nodes a token must newly reach at the next layer if
+  its state stayed where its previous experts ran (ExFlow / MoETuner, arXiv 2502.06643).
+- imbalance  = max_r load_r / mean_r load_r, load_r = (token, expert) pairs hosted on r, a
+  replicated expert's pairs split evenly among its copies.
+
+Each metric is averaged over (token, layer) (imbalance: over layers; inter-layer: over tokens and
+layer pairs). Without redundant copies host(o, e) does not depend on o, and the averages over o
+have closed forms: rank_sends = |ranks(X)| (1 - 1/R), node_sends = sum_{n in nodes(X)} (1 - g_n/R).
+
+Two implementations: `evaluate_layers_reference` loops per token and per origin in plain Python
+(the test oracle, obviously correct, slow); `evaluate_layers` is vectorised (used everywhere).
+Pure numpy: no vLLM or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.plan import Plan, PlanError, Topology, linear_layout
+from vllm_moeplace.trace import Trace
+
+METRIC_NAMES = ("node_sends", "rank_sends", "hop_cost", "imbalance", "inter_layer_node_sends")
+
+
+class MetricsError(MoeplaceError):
+    """A plan / placement does not fit the trace or topology it is scored on."""
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Scores of one placement on one trace. Scalars are the averages defined above."""
+
+    node_sends: float
+    rank_sends: float
+    hop_cost: float
+    imbalance: float
+    inter_layer_node_sends: float
+    layer_ids: np.ndarray  # int [L], decoder-layer ids, trace order
+    node_sends_per_layer: np.ndarray  # float [L]
+    rank_sends_per_layer: np.ndarray  # float [L]
+    hop_cost_per_layer: np.ndarray  # float [L]
+    imbalance_per_layer: np.ndarray  # float [L]
+    inter_layer_per_pair: np.ndarray  # float [L-1], pair (layer_ids[i], layer_ids[i+1])
+    num_tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        """The scalar metrics, as plain floats (the shape `moeplace evaluate --json` prints)."""
+        return {name: float(getattr(self, name)) for name in METRIC_NAMES}
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+
+def _check_inputs(layers: dict[int, np.ndarray], topology: Topology, trace: Trace) -> dict[int, np.ndarray]:
+    """Placements for every trace layer (missing ones = vLLM's linear layout), checked against trace."""
+    E, R = trace.num_experts, topology.ep_size
+    if trace.num_tokens == 0:
+        raise MetricsError("cannot score a placement on a trace with no tokens")
+    trace_layers = [int(x) for x in trace.layer_ids]
+    extra = sorted(set(int(k) for k in layers) - set(trace_layers))
+    if extra:
+        raise MetricsError(f"placement has layer(s) {extra} that are not MoE layers of the trace (layer_ids {trace_layers})")
+    out: dict[int, np.ndarray] = {}
+    for lid in trace_layers:
+        if lid in layers:
+            a = np.asarray(layers[lid], dtype=np.int64)
+        else:
+            try:
+                a = linear_layout(E, R)
+            except PlanError as e:
+                raise MetricsError(f"layer {lid} is not in the placement and the linear default cannot fill it: {e}") from None
+        if a.ndim != 2 or a.shape[0] != R:
+            raise MetricsError(f"layer {lid}: placement shape {list(a.shape)}, expected [ep_size={R}, slots]")
+        if a.size and (a.min() < 0 or a.max() >= E):
+            raise MetricsError(f"layer {lid}: expert id {int(a.max() if a.max() >= E else a.min())} out of range 0..{E - 1} (trace num_experts {E})")
+        missing = np.setdiff1d(np.arange(E), a.ravel())
+        if missing.size:
+            raise MetricsError(f"layer {lid}: experts {missing.tolist()[:8]} are on no rank")
+        out[lid] = a
+    return out
+
+
+def _holds(a: np.ndarray, E: int) -> np.ndarray:
+    """bool [R, E]: rank r holds a copy of expert e."""
+    R = a.shape[0]
+    h = np.zeros((R, E), dtype=bool)
+    h[np.repeat(np.arange(R), a.shape[1]), a.ravel()] = True
+    return h
+
+
+def host_map(a: np.ndarray, topology: Topology, E: int) -> np.ndarray:
+    """int [R, E]: host(o, e), the rank that serves expert e for a token originating on rank o."""
+    holds = _holds(a, E)  # [R, E]
+    R = topology.ep_size
+    lowest_global = np.argmax(holds, axis=0)  # first True = lowest-numbered holder
+    H = np.empty((R, E), dtype=np.int64)
+    for ranks in topology.nodes:
+        ranks = np.sort(np.asarray(ranks, dtype=np.int64))
+        sub = holds[ranks]  # [g, E]
+        on_node = sub.any(axis=0)
+        lowest_on_node = ranks[np.argmax(sub, axis=0)]
+        default = np.where(on_node, lowest_on_node, lowest_global)  # [E]
+        H[ranks] = np.where(sub, ranks[:, None], default[None, :])
+    return H
+
+
+# ---- fast implementation -----------------------------------------------------------------------
+
+
+def _distinct_mask(sorted_vals: np.ndarray) -> np.ndarray:
+    """bool [T, K]: True at the first occurrence of each value in each (sorted) row."""
+    first = np.ones_like(sorted_vals, dtype=bool)
+    first[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
+    return first
+
+
+def _node_membership(node_ids: np.ndarray, num_nodes: int) -> np.ndarray:
+    """bool [T, N]: node n hosts one of the token's experts."""
+    T = node_ids.shape[0]
+    m = np.zeros((T, num_nodes), dtype=bool)
+    m[np.arange(T)[:, None], node_ids] = True
+    return m
+
+
+def _imbalance(a: np.ndarray, load: np.ndarray, E: int) -> float:
+    holds = _holds(a, E)
+    copies = holds.sum(axis=0)  # [E]
+    rank_load = holds.astype(np.float64) @ (load / copies)  # [R]
+    mean = rank_load.mean()
+    return float(rank_load.max() / mean) if mean > 0 else 1.0
+
+
+def evaluate_layers(layers: dict[int, np.ndarray], topology: Topology, trace: Trace) -> Metrics:
+    """Score per-layer placements {decoder_layer: int [R, S]} on `trace` (vectorised).
+
+    A trace layer missing from `layers` scores as vLLM's linear layout.
+    """
+    placed = _check_inputs(layers, topology, trace)
+    E, R, N = trace.num_experts, topology.ep_size, topology.num_nodes
+    T, L, K = trace.topk_ids.shape
+    node_of_rank = topology.node_of_rank
+    cost = topology.link_cost
+    node_w = 1.0 - topology.ranks_per_node / R  # [N]: expected remote-node message per hosted node
+    ns, rs, hc, im = (np.zeros(L) for _ in range(4))
+    inter = np.zeros(max(L - 1, 0))
+    prev_members: np.ndarray | None = None  # [O, T, N] per origin group, from the previous layer
+    for li, lid in enumerate(trace.layer_ids.tolist()):
+        a = placed[lid]
+        ids = trace.topk_ids[:, li, :].astype(np.int64)  # [T, K]
+        load = np.bincount(ids.ravel(), minlength=E).astype(np.float64)
+        im[li] = _imbalance(a, load, E)
+        H = host_map(a, topology, E)  # [R, E]
+        if (H == H[:1]).all():
+            # No origin-dependence (every expert has one copy): closed forms over uniform origins.
+            hosts = np.sort(H[0][ids], axis=1)  # [T, K]
+            rs[li] = _distinct_mask(hosts).sum(axis=1).mean() * (1.0 - 1.0 / R)
+            members = _node_membership(node_of_rank[hosts], N)  # [T, N]
+            ns[li] = (members @ node_w).mean()
+            mean_cost_to = cost[node_of_rank].mean(axis=0)  # [N]: mean over origins of cost to n
+            hc[li] = mean_cost_to[node_of_rank[hosts]].sum(axis=1).mean()
+            members = members[None]  # one origin group
+        else:
+            members = np.zeros((R, T, N), dtype=bool)
+            r_acc = n_acc = h_acc = 0.0
+            for o in range(R):
+                hosts = np.sort(H[o][ids], axis=1)
+                first = _distinct_mask(hosts)
+                r_acc += (first & (hosts != o)).sum(axis=1).mean()
+                nodes = node_of_rank[hosts]
+                members[o] = _node_membership(nodes, N)
+                on = node_of_rank[o]
+                n_acc += members[o].sum(axis=1).mean() - members[o][:, on].mean()
+                h_acc += cost[on][nodes].sum(axis=1).mean()
+            rs[li], ns[li], hc[li] = r_acc / R, n_acc / R, h_acc / R
+        if li > 0:
+            assert prev_members is not None
+            # Broadcast over origins: a layer without redundancy has a single origin group.
+            newly = members & ~prev_members  # [O, T, N]
+            inter[li - 1] = newly.sum(axis=2).mean()
+        prev_members = members
+    return Metrics(
+        node_sends=float(ns.mean()),
+        rank_sends=float(rs.mean()),
+        hop_cost=float(hc.mean()),
+        imbalance=float(im.mean()),
+        inter_layer_node_sends=float(inter.mean()) if inter.size else 0.0,
+        layer_ids=trace.layer_ids.astype(np.int64),
+        node_sends_per_layer=ns,
+        rank_sends_per_layer=rs,
+        hop_cost_per_layer=hc,
+        imbalance_per_layer=im,
+        inter_layer_per_pair=inter,
+        num_tokens=T,
+    )
+
+
+def check_plan_fits_trace(plan: Plan, trace: Trace, where: str | None = None) -> None:
+    """Raise MetricsError naming the mismatching value when `plan` cannot be scored on `trace`."""
+    src = where or plan.source
+    if plan.num_experts != trace.num_experts:
+        raise MetricsError(f"{src}: model.num_experts is {plan.num_experts} but the trace has num_experts {trace.num_experts}")
+    if plan.topology.ep_size != plan.ep_size:
+        raise MetricsError(f"{src}: topology describes {plan.topology.ep_size} ranks but ep_size is {plan.ep_size}")
+    trace_layers = set(int(x) for x in trace.layer_ids)
+    extra = sorted(set(plan.layers) - trace_layers)
+    if extra:
+        raise MetricsError(f"{src}: layers {extra} are not MoE layers of the trace (trace layer_ids {sorted(trace_layers)})")
+
+
+def evaluate_plan(plan: Plan, trace: Trace) -> Metrics:
+    """Score a plan on a trace; trace layers the plan does not list score as the linear layout."""
+    check_plan_fits_trace(plan, trace)
+    return evaluate_layers(plan.layers, plan.topology, trace)
+
+
+# ---- reference implementation (test oracle) ------------------------------------------------------
+
+
+def evaluate_layers_reference(layers: dict[int, np.ndarray], topology: Topology, trace: Trace) -> dict[str, Any]:
+    """The definitions, written as literally as possible: loops over layers, tokens and origins.
+
+    Slow (pure Python); only for small instances in tests. Returns the scalar metrics dict.
+    """
+    placed = _check_inputs(layers, topology, trace)
+    E, R = trace.num_experts, topology.ep_size
+    node = [int(topology.node_of_rank[r]) for r in range(R)]
+    g = [len(n) for n in topology.nodes]  # noqa: F841  (g_n enters only via the origin average)
+    cost = topology.link_cost
+    T, L, K = trace.topk_ids.shape
+    lids = trace.layer_ids.tolist()
+
+    def host(a: np.ndarray, o: int, e: int) -> int:
+        holders = sorted(r for r in range(R) if e in a[r].tolist())
+        if o in holders:
+            return o
+        same_node = [r for r in holders if node[r] == node[o]]
+        return same_node[0] if same_node else holders[0]
+
+    ns_sum = rs_sum = hc_sum = inter_sum = 0.0
+    imb_sum = 0.0
+    for li, lid in enumerate(lids):
+        a = placed[lid]
+        load = [0.0] * R
+        copies = {e: sum(1 for r in range(R) if e in a[r].tolist()) for e in range(E)}
+        for t in range(T):
+            for e in trace.topk_ids[t, li].tolist():
+                for r in range(R):
+                    if e in a[r].tolist():
+                        load[r] += 1.0 / copies[e]
+        imb_sum += max(load) / (sum(load) / R)
+        for t in range(T):
+            X = trace.topk_ids[t, li].tolist()
+            for o in range(R):
+                hosts = [host(a, o, e) for e in X]
+                rs_sum += len({h for h in hosts if h != o}) / R
+                ns_sum += len({node[h] for h in hosts if node[h] != node[o]}) / R
+                hc_sum += sum(cost[node[o]][node[h]] for h in hosts) / R
+                if li > 0:
+                    prev = placed[lids[li - 1]]
+                    prev_nodes = {node[host(prev, o, e)] for e in trace.topk_ids[t, li - 1].tolist()}
+                    now_nodes = {node[h] for h in hosts}
+                    inter_sum += len(now_nodes - prev_nodes) / R
+    return {
+        "node_sends": ns_sum / (T * L),
+        "rank_sends": rs_sum / (T * L),
+        "hop_cost": hc_sum / (T * L),
+        "imbalance": imb_sum / L,
+        "inter_layer_node_sends": inter_sum / (T * (L - 1)) if L > 1 else 0.0,
+    }
