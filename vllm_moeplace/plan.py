@@ -331,26 +331,26 @@ def validate_plan(plan: Plan) -> None:
         raise PlanError(f"{src}: field 'model.moe_layers': duplicate layer indices {plan.moe_layers}")
     slot_counts = set()
     for layer, a in sorted(plan.layers.items()):
-        f = f"{src}: field 'layers.{layer}'"
+        f = f"{src}: field 'layers.{layer}"
         if layer not in moe:
-            raise PlanError(f"{f}: layer {layer} is not a MoE layer of the model (moe_layers {sorted(moe)})")
+            raise PlanError(f"{f}': layer {layer} is not a MoE layer of the model (moe_layers {sorted(moe)})")
         if a.ndim != 2 or a.shape[0] != R:
-            raise PlanError(f"{f}: {a.shape[0] if a.ndim else 0} rank lists, expected ep_size={R}")
+            raise PlanError(f"{f}': {a.shape[0] if a.ndim else 0} rank lists, expected ep_size={R}")
         slots = a.shape[1]
         if slots * R < E:
-            raise PlanError(f"{f}: {slots} slots per rank x {R} ranks cannot hold {E} experts")
+            raise PlanError(f"{f}': {slots} slots per rank x {R} ranks cannot hold {E} experts")
         slot_counts.add(slots)
         bad = a[(a < 0) | (a >= E)]
         if bad.size:
             r = int(np.argwhere((a < 0) | (a >= E))[0][0])
-            raise PlanError(f"{f}[{r}]: expert id {int(bad[0])} out of range 0..{E - 1}")
+            raise PlanError(f"{f}[{r}]': expert id {int(bad[0])} out of range 0..{E - 1}")
         for r in range(R):
             vals, counts = np.unique(a[r], return_counts=True)
             if (counts > 1).any():
-                raise PlanError(f"{f}[{r}]: expert {int(vals[counts > 1][0])} appears twice on rank {r}")
+                raise PlanError(f"{f}[{r}]': expert {int(vals[counts > 1][0])} appears twice on rank {r}")
         missing = np.setdiff1d(np.arange(E), a.ravel())
         if missing.size:
-            raise PlanError(f"{f}: experts {missing.tolist()[:8]} are on no rank")
+            raise PlanError(f"{f}': experts {missing.tolist()[:8]} are on no rank")
     if len(slot_counts) > 1:
         raise PlanError(f"{src}: field 'layers': layers use different slot counts {sorted(slot_counts)}")
 
