@@ -19,6 +19,7 @@ __all__ = ["FORMATS", "ImportOptions", "TraceImportError", "import_trace"]
 
 # format name -> module under vllm_moeplace.profiling.formats defining `read(src, opts) -> Trace`
 FORMATS: dict[str, str] = {
+    "hf-hook-csv": "hf_hook_csv",
     "orders-in-chaos": "orders_in_chaos",
 }
 
