@@ -1,0 +1,160 @@
+"""Exact-delta local search over expert partitions (pairwise swaps between units).
+
+Units have fixed slot counts, so the neighbourhood is "swap two experts on different units";
+it keeps every unit's slot count and is the move set the CP-SAT LNS and the greedy share.
+
+Cost model (see `cpsat_instance`): cost(a) = Σ_p Σ_u CW[p, u] [p touches u] + Σ_e lin[e, a_e],
+CW[p, u] = count_p * w_u (optionally a per-pattern weight, used for the inter-layer term).
+
+Speed trick: with cnt[p, u] = experts of p on u, the cost of moving e alone to u is
+  D[e, u] = Σ_{p∋e} CW[p,u][cnt[p,u]==0] - Σ_{p∋e} CW[p,a_e][cnt[p,a_e]==1]  (+ linear terms),
+one bincount per unit for all experts at once. D[e, a_f] + D[f, a_e] is a lower bound on the swap
+delta (patterns holding both e and f are the only ones counted wrongly, and only optimistically),
+so candidates are ranked by it and confirmed with the exact delta, which touches only the patterns
+of e and f.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from vllm_moeplace.solver.cpsat_instance import LayerInstance
+
+_EPS = 1e-9
+
+
+class SwapSearch:
+    def __init__(
+        self,
+        inst: LayerInstance,
+        assign: np.ndarray,
+        unit_weight: np.ndarray,
+        cap: np.ndarray | None = None,
+        linear: np.ndarray | None = None,
+        pattern_weight: np.ndarray | None = None,
+    ):
+        self.inst = inst
+        self.U = len(unit_weight)
+        self.a = np.asarray(assign, dtype=np.int64).copy()
+        w = np.asarray(unit_weight, dtype=np.float64)
+        # CW [P, U]: cost of pattern p touching unit u, already multiplied by its count.
+        base = w[None, :] if pattern_weight is None else pattern_weight
+        self.CW = inst.counts[:, None] * np.broadcast_to(base, (inst.num_patterns, self.U))
+        self.lin = np.zeros((inst.num_experts, self.U)) if linear is None else np.asarray(linear, dtype=np.float64)
+        self.load = inst.expert_load()
+        self.cap = np.full(self.U, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
+        self.cnt = inst.unit_counts(self.a, self.U)
+        self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
+        self.swaps = 0
+
+    # ---- cost ----------------------------------------------------------------------------------
+    def cost(self) -> float:
+        return float(((self.cnt > 0) * self.CW).sum() + self.lin[np.arange(len(self.a)), self.a].sum())
+
+    def overflow(self) -> float:
+        return float(np.maximum(self.unit_load - self.cap, 0).sum())
+
+    def move_deltas(self) -> np.ndarray:
+        """float [E, U]: cost change of moving expert e alone to unit u (0 on its own unit)."""
+        pats, E, K = self.inst.patterns, self.inst.num_experts, self.inst.top_k
+        flat = pats.ravel()
+        zero = self.CW * (self.cnt == 0)
+        gain_in = np.stack([np.bincount(flat, weights=np.repeat(zero[:, u], K), minlength=E) for u in range(self.U)], 1)
+        own = self.a[pats]  # [P, K] unit of each member
+        rows = np.arange(pats.shape[0])[:, None]
+        alone = (self.cnt[rows, own] == 1) * self.CW[rows, own]
+        loss_out = np.bincount(flat, weights=alone.ravel(), minlength=E)
+        d = gain_in - loss_out[:, None] + self.lin - self.lin[np.arange(E), self.a][:, None]
+        d[np.arange(E), self.a] = 0.0
+        return d
+
+    def swap_delta(self, e: int, f: int) -> float:
+        """Exact cost change of exchanging the units of experts e and f."""
+        ua, ub = self.a[e], self.a[f]
+        pe, pf = self.inst.patterns_of(e), self.inst.patterns_of(f)
+        both = np.intersect1d(pe, pf, assume_unique=True)
+        pe = np.setdiff1d(pe, both, assume_unique=True)
+        pf = np.setdiff1d(pf, both, assume_unique=True)
+        cnt, CW = self.cnt, self.CW
+        d = (CW[pe, ub] * (cnt[pe, ub] == 0)).sum() - (CW[pe, ua] * (cnt[pe, ua] == 1)).sum()
+        d += (CW[pf, ua] * (cnt[pf, ua] == 0)).sum() - (CW[pf, ub] * (cnt[pf, ub] == 1)).sum()
+        d += self.lin[e, ub] - self.lin[e, ua] + self.lin[f, ua] - self.lin[f, ub]
+        return float(d)
+
+    def apply_swap(self, e: int, f: int) -> None:
+        ua, ub = self.a[e], self.a[f]
+        pe, pf = self.inst.patterns_of(e), self.inst.patterns_of(f)
+        both = np.intersect1d(pe, pf, assume_unique=True)
+        pe = np.setdiff1d(pe, both, assume_unique=True)
+        pf = np.setdiff1d(pf, both, assume_unique=True)
+        self.cnt[pe, ua] -= 1
+        self.cnt[pe, ub] += 1
+        self.cnt[pf, ub] -= 1
+        self.cnt[pf, ua] += 1
+        self.a[e], self.a[f] = ub, ua
+        dl = self.load[f] - self.load[e]
+        self.unit_load[ua] += dl
+        self.unit_load[ub] -= dl
+        self.swaps += 1
+
+    def _load_ok(self, e: int, f: int) -> bool:
+        ua, ub = self.a[e], self.a[f]
+        dl = self.load[f] - self.load[e]
+        na, nb = self.unit_load[ua] + dl, self.unit_load[ub] - dl
+        # A unit may exceed its cap only if it already did and the swap does not make it worse.
+        ok_a = na <= self.cap[ua] + _EPS or na <= self.unit_load[ua] + _EPS
+        ok_b = nb <= self.cap[ub] + _EPS or nb <= self.unit_load[ub] + _EPS
+        return bool(ok_a and ok_b)
+
+    # ---- searches ------------------------------------------------------------------------------
+    def repair(self, deadline: float) -> None:
+        """Swap experts to bring unit loads under their caps, cheapest-in-cost first."""
+        E = len(self.a)
+        while self.overflow() > _EPS and time.monotonic() < deadline:
+            ua = self.a[:, None]
+            ub = self.a[None, :]
+            dl = self.load[None, :] - self.load[:, None]  # load change of e's unit when e<->f
+            na = self.unit_load[ua] + dl
+            nb = self.unit_load[ub] - dl
+            over_now = np.maximum(self.unit_load[ua] - self.cap[ua], 0) + np.maximum(self.unit_load[ub] - self.cap[ub], 0)
+            over_new = np.maximum(na - self.cap[ua], 0) + np.maximum(nb - self.cap[ub], 0)
+            gain = over_now - over_new
+            gain[ua == ub] = -np.inf
+            best = gain.max()
+            if best <= _EPS:
+                return
+            d = self.move_deltas()
+            approx = d[np.arange(E)[:, None], ub] + d[np.arange(E)[None, :], ua]  # [e,f]: d[e,a_f] + d[f,a_e]
+            # Among swaps recovering at least half the best reduction, take the cheapest.
+            score = np.where(gain >= 0.5 * best, approx, np.inf)
+            e, f = np.unravel_index(np.argmin(score), score.shape)
+            self.apply_swap(int(e), int(f))
+
+    def descend(self, deadline: float, max_checks: int = 4000) -> float:
+        """Best-improvement-ordered swap descent to a swap-local optimum (or the deadline)."""
+        E = len(self.a)
+        idx = np.arange(E)
+        while time.monotonic() < deadline:
+            d = self.move_deltas()
+            approx = d[idx[:, None], self.a[None, :]] + d[idx[None, :], self.a[:, None]]  # d[e,a_f] + d[f,a_e]
+            approx[self.a[:, None] == self.a[None, :]] = np.inf
+            approx[np.tril_indices(E)] = np.inf
+            flat = np.flatnonzero(approx < -_EPS)
+            if not flat.size:
+                break
+            flat = flat[np.argsort(approx.ravel()[flat], kind="stable")][:max_checks]
+            accepted = 0
+            for k, fl in enumerate(flat):
+                e, f = divmod(int(fl), E)
+                if self.a[e] == self.a[f] or not self._load_ok(e, f):
+                    continue
+                if self.swap_delta(e, f) < -_EPS:
+                    self.apply_swap(e, f)
+                    accepted += 1
+                if (k & 63) == 0 and time.monotonic() >= deadline:
+                    break
+            if not accepted:
+                break
+        return self.cost()
