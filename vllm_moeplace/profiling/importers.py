@@ -21,6 +21,7 @@ __all__ = ["FORMATS", "ImportOptions", "TraceImportError", "import_trace"]
 FORMATS: dict[str, str] = {
     "hf-hook-csv": "hf_hook_csv",
     "orders-in-chaos": "orders_in_chaos",
+    "vllm-routed-experts": "vllm_routed_experts",
 }
 
 
