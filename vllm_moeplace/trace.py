@@ -167,18 +167,26 @@ def load_trace(path: str | os.PathLike) -> Trace:
         unknown = sorted(keys - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
         if unknown:
             raise TraceError(f"{src}: unknown key(s) {unknown}")
-        ne = z["num_experts"]
+        try:
+            ne, meta_raw = z["num_experts"], z["meta"]
+        except ValueError as e:  # an object (pickled) array
+            raise TraceError(f"{src}: key 'num_experts' or 'meta': unreadable array ({e})") from None
         if ne.shape != () or ne.dtype.kind not in "iu":
             raise _fail(src, "num_experts", f"expected an integer scalar, got {ne.dtype} shape {list(ne.shape)}")
-        meta_raw = z["meta"]
         try:
             meta = json.loads(str(meta_raw[()]))
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, TypeError) as e:
             raise _fail(src, "meta", f"expected a JSON object string ({e})") from None
-        arrays = {k: z[k] for k in ("topk_ids", "layer_ids", "request_ids", "is_prefill")}
-        opt = {k: z[k] for k in OPTIONAL_KEYS if k in keys}
+        arrays, opt = {}, {}
+        for k in ("topk_ids", "layer_ids", "request_ids", "is_prefill", *OPTIONAL_KEYS):
+            if k not in keys:
+                continue
+            try:  # e.g. an object (pickled) array, refused with allow_pickle=False
+                (arrays if k in REQUIRED_KEYS else opt)[k] = z[k]
+            except ValueError as e:
+                raise _fail(src, k, f"unreadable array ({e})") from None
     t = object.__new__(Trace)  # validate with the file name in the message, then freeze
     for k, v in dict(arrays, num_experts=int(ne), meta=meta, topk_weights=opt.get("topk_weights"), labels=opt.get("labels")).items():
         object.__setattr__(t, k, v)
