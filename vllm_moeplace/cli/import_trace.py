@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from vllm_moeplace.profiling.importers import FORMATS, ImportOptions, import_trace
@@ -36,9 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", help="label for all requests of a flat source (default: the folder name, where the format has one)")
 
 
+def _command(args: argparse.Namespace) -> str:
+    cmd = ["moeplace", "import", "--format", args.format, *args.src, "--out", args.out]
+    for flag, value in (("--model-name", args.model_name), ("--num-experts", args.num_experts), ("--label", args.label)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if args.layer_ids is not None:
+        cmd += ["--layer-ids", ",".join(map(str, args.layer_ids))]
+    return shlex.join(cmd)
+
+
 def run(args: argparse.Namespace) -> int:
     opts = ImportOptions(model_name=args.model_name, num_experts=args.num_experts, layer_ids=args.layer_ids, label=args.label)
     trace = import_trace(args.format, args.src, opts)
+    # how the file was made, so reports built from it can show the full recipe
+    trace.meta["import_command"] = _command(args)
     for note in trace.meta.get("import_notes", []):
         print(f"moeplace import: note: {note}", file=sys.stderr)
     save_trace(args.out, trace)
