@@ -114,3 +114,26 @@ def dragonfly(num_groups: int, nodes_per_group: int, ranks_per_node: int) -> Top
             in_router = ((g - h) % G - 1) % a
             cost[s, d] = float(rtr[s] != out_router) + 1.0 + float(rtr[d] != in_router)
     return Topology(n * ranks_per_node, _nodes(n, ranks_per_node), cost)
+
+
+def resolve_topology(ep_size: int, ranks_per_node: int | None = None, path: str | os.PathLike | None = None) -> Topology:
+    """The topology of the CLI's `(--ranks-per-node G | --topology F)` pair."""
+    if (ranks_per_node is None) == (path is None):
+        raise TopologyError("give exactly one of --ranks-per-node G or --topology FILE")
+    if ep_size <= 0:
+        raise TopologyError(f"--ep-size must be positive, got {ep_size}")
+    if path is not None:
+        return load_topology(path, ep_size)
+    assert ranks_per_node is not None
+    if ranks_per_node <= 0 or ep_size % ranks_per_node:
+        raise TopologyError(f"--ranks-per-node {ranks_per_node} does not divide --ep-size {ep_size}")
+    return Topology.uniform(ep_size, ranks_per_node)
+
+
+def describe(topology: Topology) -> str:
+    """One line, e.g. 'EP16: 4 nodes x 4 ranks' or 'EP10: 5 nodes (2,2,2,2,2 ranks), link cost 0..4'."""
+    sizes = [len(n) for n in topology.nodes]
+    shape = f"{len(sizes)} nodes x {sizes[0]} ranks" if len(set(sizes)) == 1 else f"{len(sizes)} nodes ({','.join(map(str, sizes))} ranks)"
+    spec = topology.to_json()
+    cost = "" if "ranks_per_node" in spec else f", link cost {topology.link_cost.min():g}..{topology.link_cost.max():g}"
+    return f"EP{topology.ep_size}: {shape}{cost}"

@@ -1,0 +1,160 @@
+"""`moeplace evaluate --plan P.json [--plan ...] --trace T.npz [--json]`: score plans and baselines.
+
+The trace is split by request (`Trace.split_by_request(--train-fraction)`): baselines are fitted
+on the first part; every layout is scored on that part (in-sample) and on the other requests
+(held-out, the default headline). Plans should have been fitted on the same first part (the
+`--train-fraction` of `moeplace solve` / `moeplace baseline`); a plan that records another
+fraction gets a note.
+
+`--json` prints one JSON object, one key per layout (plan path as given, or baseline method):
+
+    {"plan.json": {"kind": "plan", "source": "plan.json",
+                   "held_out":  {"node_sends": .., "rank_sends": .., "hop_cost": .., "imbalance": .., "inter_layer_node_sends": ..},
+                   "in_sample": {... same keys ...}},
+     "linear":    {"kind": "baseline", "source": "linear", "held_out": {...}, "in_sample": {...}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from vllm_moeplace.plan import Plan, Topology, load_plan
+from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.solver.baselines import BASELINES, available_baselines, baseline_layers
+from vllm_moeplace.solver.metrics import METRIC_NAMES, Metrics, check_plan_fits_trace, evaluate_layers
+from vllm_moeplace.solver.topology_file import describe, resolve_topology
+from vllm_moeplace.trace import Trace, load_trace
+
+DEFAULT_BASELINES = ("linear", "round_robin", "eplb", "greedy")
+SHORT = {"node_sends": "node_sends", "rank_sends": "rank_sends", "hop_cost": "hop_cost",
+         "imbalance": "imbalance", "inter_layer_node_sends": "inter_layer"}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str  # "plan" | "baseline"
+    source: str
+    in_sample: Metrics
+    held_out: Metrics
+
+
+def _baseline_list(text: str) -> list[str]:
+    if text.strip().lower() == "none":
+        return []
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in BASELINES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)} or 'none'")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", action="append", default=[], metavar="P.json", help="plan file to score (repeatable)")
+    parser.add_argument("--trace", required=True, help="routing trace (.npz)")
+    parser.add_argument("--train-fraction", type=float, default=0.5,
+                        help="first fraction of requests = training part (baselines fitted there); the rest is held out (default 0.5)")
+    parser.add_argument("--baselines", type=_baseline_list, default=list(DEFAULT_BASELINES),
+                        help=f"comma list of baselines to score beside the plans, or 'none' (default {','.join(DEFAULT_BASELINES)}; "
+                             f"greedy only when available)")
+    parser.add_argument("--redundant-per-rank", type=int, default=None,
+                        help="redundant copies per rank for the baselines (default: the first plan's, else 0)")
+    parser.add_argument("--ep-size", type=int, help="EP size for the baselines when no --plan is given")
+    topo = parser.add_mutually_exclusive_group()
+    topo.add_argument("--ranks-per-node", type=int, help="with --ep-size: consecutive ranks per node")
+    topo.add_argument("--topology", help="with --ep-size: topology file (nodes + link_cost JSON)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _plan_name(path: str, taken: set[str]) -> str:
+    name = path
+    while name in taken:
+        name = f"{name}'"
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    trace = load_trace(args.trace)
+    plans: list[tuple[str, Plan]] = []
+    for path in args.plan:
+        plan = load_plan(path)
+        check_plan_fits_trace(plan, trace)
+        plans.append((path, plan))
+    if plans:
+        topology: Topology = plans[0][1].topology
+        if args.ep_size is not None or args.ranks_per_node is not None or args.topology is not None:
+            raise MoeplaceError("--ep-size/--ranks-per-node/--topology are only for scoring baselines without --plan")
+    else:
+        if args.ep_size is None:
+            raise MoeplaceError("give at least one --plan, or --ep-size with --ranks-per-node/--topology to score the baselines alone")
+        topology = resolve_topology(args.ep_size, args.ranks_per_node, args.topology)
+    train, test = trace.split_by_request(args.train_fraction)
+    notes: list[str] = []
+    rows: list[Row] = []
+    taken: set[str] = set()
+    for path, plan in plans:
+        name = _plan_name(path, taken)
+        taken.add(name)
+        fitted = plan.solver.get("train_fraction")
+        if fitted is not None and abs(float(fitted) - args.train_fraction) > 1e-9:
+            notes.append(f"{path} was fitted with train_fraction {fitted}, scored with {args.train_fraction}: "
+                         f"its held-out part overlaps its training data")
+        rows.append(Row(name, "plan", path, evaluate_layers(plan.layers, plan.topology, train),
+                        evaluate_layers(plan.layers, plan.topology, test)))
+    if len({json.dumps(p.topology.to_json(), sort_keys=True) for _, p in plans}) > 1:
+        notes.append(f"plans use different topologies; baselines use the first plan's ({describe(topology)})")
+    red = args.redundant_per_rank
+    if red is None:
+        red = 0
+        if plans:
+            p0 = plans[0][1]
+            red = max(0, p0.slots_per_rank() - p0.num_experts // p0.ep_size)
+    available = set(available_baselines())
+    for method in args.baselines:
+        if method not in available:
+            notes.append(f"baseline {method} skipped: not available in this build")
+            continue
+        try:
+            layers = baseline_layers(method, train, topology, red)
+        except MoeplaceError as e:
+            notes.append(f"baseline {method} skipped: {e}")
+            continue
+        name = _plan_name(method, taken)
+        taken.add(name)
+        rows.append(Row(name, "baseline", method, evaluate_layers(layers, topology, train), evaluate_layers(layers, topology, test)))
+    for n in notes:
+        print(f"moeplace evaluate: note: {n}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({r.name: {"kind": r.kind, "source": r.source, "held_out": r.held_out.as_dict(),
+                                   "in_sample": r.in_sample.as_dict()} for r in rows}, indent=1))
+        return 0
+    _print_report(trace, train, test, topology, red, rows, args)
+    return 0
+
+
+def _print_report(trace: Trace, train: Trace, test: Trace, topology: Topology, red: int, rows: list[Row],
+                  args: argparse.Namespace) -> None:
+    model = trace.meta.get("model", "?")
+    print(f"trace {args.trace}: {model}, {trace.num_tokens} tokens, {len(set(trace.request_ids.tolist()))} requests, "
+          f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}")
+    print(f"split by request: train = first {args.train_fraction:g} ({train.num_tokens} tokens, "
+          f"{len(set(train.request_ids.tolist()))} requests), held-out = the rest ({test.num_tokens} tokens, "
+          f"{len(set(test.request_ids.tolist()))} requests)")
+    print(f"baselines: {describe(topology)}, {red} redundant slot(s) per rank, fitted on train")
+    ref = next((r for r in rows if r.kind == "baseline" and r.source == "linear"), None)
+    width = max([len(r.name) for r in rows] + [6])
+    for part, title in (("held_out", "held-out requests"), ("in_sample", "in-sample (training requests)")):
+        print(f"\n{title}")
+        head = f"{'layout':<{width}}  " + "  ".join(f"{SHORT[m]:>11}" for m in METRIC_NAMES)
+        if ref is not None:
+            head += f"  {'node/linear':>11}"
+        print(head)
+        for r in rows:
+            m: Metrics = getattr(r, part)
+            line = f"{r.name:<{width}}  " + "  ".join(f"{getattr(m, k):>11.4f}" for k in METRIC_NAMES)
+            if ref is not None:
+                line += f"  {m.node_sends / getattr(ref, part).node_sends:>11.3f}"
+            print(line)
