@@ -1,0 +1,316 @@
+"""Reproduce every simulator figure in benchmarks/results/ (simulation.md, simulation.json, sim_*.png).
+
+    python benchmarks/simulate.py            # full suite, a few minutes on 2 cores
+    python benchmarks/simulate.py --quick    # the required scenarios only, shorter solver budgets
+    python benchmarks/simulate.py --trace my.npz --model deepseek-v2-lite --topologies 8x2,16x4
+
+Every layout is fitted on the first half of the trace's requests and simulated on the held-out
+half (docs/simulator.md states the time model and the batch model). Run it under the shared lock:
+`flock /tmp/moeplace-heavy.lock python benchmarks/simulate.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vllm_moeplace.plan import Topology  # noqa: E402
+from vllm_moeplace.sim.network import SimParams, load_params  # noqa: E402
+from vllm_moeplace.sim.report import Row, all_tables, plot_breakdown, plot_time_vs_ep, ratio  # noqa: E402
+from vllm_moeplace.sim.run import sample_batches, simulate  # noqa: E402
+from vllm_moeplace.solver.metrics import evaluate_layers  # noqa: E402
+from vllm_moeplace.trace import Trace, load_trace  # noqa: E402
+
+SHARED = Path(os.environ.get("MOEPLACE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DSV2 = SHARED / "traces" / "dsv2lite_puffin_a.npz"
+LLAMA4_RAW = SHARED / "raw" / "orders-in-chaos-llama4-mmlu-abstract_algebra"
+LAYOUTS = ("linear", "round_robin", "eplb", "greedy", "cpsat")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str  # short trace name used in tables
+    model: str  # key into params.models
+    topologies: tuple[tuple[int, int], ...]  # (ep_size, num_nodes)
+    batches: tuple[str, ...]  # keys into params.batches
+
+
+def suite(quick: bool) -> list[Scenario]:
+    grid = ((8, 2), (16, 4), (32, 8))  # 4 GPUs per node: the issue's required coverage
+    sweep = ((8, 1), (16, 2), (32, 4), (64, 8))  # 8 GPUs per node, 1-8 nodes
+    out = [Scenario("dsv2lite_puffin_a", "deepseek-v2-lite", grid if quick else grid + sweep, ("prefill", "decode"))]
+    out.append(Scenario("llama4_mmlu_algebra", "llama-4-maverick", ((8, 2),) if quick else ((8, 2), (16, 4)), ("prefill-phase", "decode-phase")))
+    return out
+
+
+def load_named_trace(key: str) -> Trace:
+    if key == "dsv2lite_puffin_a":
+        return load_trace(DSV2)
+    if key == "llama4_mmlu_algebra":
+        # The raw per-question JSON goes through the project's own importer every run (it takes < 1 s).
+        from vllm_moeplace.profiling.importers import ImportOptions, import_trace
+
+        return import_trace("orders-in-chaos", [LLAMA4_RAW], ImportOptions(num_experts=128))
+    return load_trace(key)
+
+
+def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float) -> dict[int, np.ndarray]:
+    """Per-layer placement of layout `name`, fitted on `train`."""
+    if name == "cpsat":
+        from vllm_moeplace.solver.pipeline import SolveOptions, solve
+
+        plan = solve(train, topo, SolveOptions(time_limit=cpsat_seconds))
+        return plan.layers
+    from vllm_moeplace.solver.baselines import baseline_layers
+
+    return baseline_layers(name, train, topo)
+
+
+def available_layouts() -> list[str]:
+    names = list(LAYOUTS)
+    try:
+        import vllm_moeplace.solver.pipeline  # noqa: F401
+    except ImportError:
+        names.remove("cpsat")
+    return names
+
+
+def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log) -> list[Row]:
+    trace = load_named_trace(sc.key)
+    train, test = trace.split_by_request(0.5)
+    shape, hw = params.models[sc.model], params.hardware[hw_name]
+    rows = []
+    for ep, nodes in sc.topologies:
+        topo = Topology.uniform(ep, ep // nodes)
+        batches = {b: sample_batches(test, params.batches[b], ep) for b in sc.batches}
+        for name in available_layouts():
+            t0 = time.perf_counter()
+            layers = fit(name, train, topo, cpsat_seconds)
+            fit_s = time.perf_counter() - t0
+            m = evaluate_layers(layers, topo, test)
+            for bname, bs in batches.items():
+                res = simulate(layers, topo, test, hw, shape, bs)
+                rows.append(Row(
+                    trace=sc.key, model=sc.model, ep_size=ep, num_nodes=nodes, batch=bname,
+                    tokens_per_rank=params.batches[bname].tokens_per_rank, layout=name,
+                    total_ms=res.total * 1e3, dispatch_ms=float(res.dispatch.sum() * 1e3),
+                    compute_ms=float(res.compute.sum() * 1e3), combine_ms=float(res.combine.sum() * 1e3),
+                    rdma_gb=res.rdma_bytes / 1e9, nvlink_gb=res.nvlink_bytes / 1e9, pair_imbalance=res.pair_imbalance,
+                    node_sends=m.node_sends, imbalance=m.imbalance, fit_seconds=fit_s,
+                ))
+            log(f"{sc.key} EP{ep}/{nodes}n {name}: fit {fit_s:.1f}s, node_sends {m.node_sends:.3f}, "
+                + ", ".join(f"{r.batch} {r.total_ms:.2f} ms" for r in rows[-len(batches):]))
+    return rows
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"nproc": str(os.cpu_count()), "cpu": model, "python": platform.python_version(), "commit": commit or "unknown"}
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ---- comparison with the seed papers ---------------------------------------------------------------
+
+
+def _best(rows: list[Row], scenario: tuple, layouts=("cpsat", "greedy")) -> Row | None:
+    rs = [r for r in rows if r.scenario == scenario and r.layout in layouts]
+    return min(rs, key=lambda r: r.total_ms) if rs else None
+
+
+def seeds_section(rows: list[Row]) -> str:
+    def get(trace, ep, nodes, batch):
+        return [r for r in rows if r.scenario == (trace, ep, nodes, batch)]
+
+    lines = ["## Check against the seed papers' published ratios", ""]
+    lines.append("| seed claim | their setting | our comparable number (layout / linear, held-out) | comparable? |")
+    lines.append("|---|---|---|---|")
+    ours = [x for x in ("cpsat", "greedy") if any(r.layout == x for r in rows)]
+    lay = ours[0] if ours else "greedy"
+
+    d = get("dsv2lite_puffin_a", 16, 4, "prefill")
+    d8 = get("dsv2lite_puffin_a", 32, 8, "prefill")
+    ns = [ratio(x, lay, "node_sends") for x in (d, d8) if x]
+    if ns and all(v is not None for v in ns):
+        txt = " / ".join(f"{(1 - v) * 100:.1f}%" for v in ns)
+        lines.append(
+            f"| arXiv 2508.09229: ILP placement, 6–30% fewer network transmissions/hops | DeepSeekMoE-16B (64 experts, top-6, "
+            f"hidden 2048: the same MoE shape as V2-Lite) and DeepSeek-R1 on multi-server topologies, objective = expected "
+            f"transmissions | `{lay}`: {txt} fewer node_sends (distinct remote nodes per token) at EP16/4 nodes / EP32/8 nodes | "
+            "partly: same metric family and MoE shape; their topologies weight hops by distance, ours are one-level (every "
+            "node equidistant), where hop counts *without* deduplication do not depend on placement (placement-anchors.md) |"
+        )
+    l2 = get("llama4_mmlu_algebra", 8, 2, "decode-phase")
+    v = ratio(l2, lay, "rdma_gb") if l2 else None
+    vt = None
+    if l2:
+        by = {r.layout: r for r in l2}
+        if lay in by and "linear" in by:
+            vt = (by[lay].rdma_gb + by[lay].nvlink_gb) / (by["linear"].rdma_gb + by["linear"].nvlink_gb)
+    if v is not None:
+        lines.append(
+            f"| arXiv 2604.23150: up to 20% less all-to-all data | Llama-4 Maverick, DeepSeek-V3, Qwen3 multi-node decode; "
+            f"placement *plus* workload-aware micro-batch grouping | `{lay}`: {(1 - v) * 100:+.1f}% less inter-node (RDMA) "
+            f"bytes, {(1 - vt) * 100:+.1f}% less total (RDMA+NVLink) bytes, Llama-4 trace EP8/2 nodes decode | "
+            "partly: same model and trace family, but only 100 MMLU abstract-algebra prompts here, and no micro-batch "
+            "grouping (our batches mix held-out prompts at random) |"
+        )
+    lp = get("llama4_mmlu_algebra", 8, 2, "prefill-phase")
+    c = ratio(lp, lay, "compute_ms") if lp else None
+    ce = ratio(lp, "eplb", "compute_ms") if lp else None
+    if c is not None:
+        lines.append(
+            f"| arXiv 2510.05497: prefill-aware placement, 15.5% (up to 1.25×) faster MoE compute | Llama-4 / DeepSeek-V3 "
+            f"/ Qwen3 traces (the dataset our Llama-4 trace comes from), existing GPU systems | MoE compute time (max rank load): "
+            f"`{lay}` {(1 - c) * 100:+.1f}%, `eplb` {(1 - (ce or 1)) * 100:+.1f}% vs linear, Llama-4 EP8/2 nodes prefill | "
+            "partly: same trace source and metric (slowest rank's expert work); their hardware and EP size differ, and our "
+            "compute time is a roofline, not a measured kernel |"
+        )
+    if d and l2:
+        t1 = ratio(get("dsv2lite_puffin_a", 8, 1, "prefill"), lay, "total_ms") if get("dsv2lite_puffin_a", 8, 1, "prefill") else None
+        t2 = ratio(d, lay, "total_ms")
+        parts = []
+        if t1 is not None:
+            parts.append(f"single node EP8: {(1 - t1) * 100:+.1f}%")
+        if t2 is not None:
+            parts.append(f"EP16/4 nodes: {(1 - t2) * 100:+.1f}%")
+        lines.append(
+            "| MoETuner (arXiv 2502.06643): 9.3% (single node) / 17.5% (multi-node) end-to-end speedup | Mixtral-8x7B "
+            f"(8 experts, top-2), measured end to end | MoE-layer time per step, DeepSeek-V2-Lite prefill, `{lay}`: "
+            + ", ".join(parts) + " | no: different model (8 experts cannot be co-located the same way), and end-to-end time "
+            "includes attention and dense layers we do not simulate; our MoE-only ratio is an upper bound on the end-to-end one |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default=str(ROOT / "benchmarks" / "sim_params.json"))
+    p.add_argument("--hardware", help="hardware profile in the params file (default: its default_hardware)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true", help="required scenarios only, shorter CP-SAT budget")
+    p.add_argument("--cpsat-seconds", type=float, help="CP-SAT time limit per solve (default 20, --quick 6)")
+    p.add_argument("--trace", help="simulate this .npz trace instead of the default suite")
+    p.add_argument("--model", help="model shape (key in the params file) for --trace")
+    p.add_argument("--topologies", default="8x2,16x4,32x8", help="for --trace: EPxNODES list")
+    p.add_argument("--batches", default="prefill,decode", help="for --trace: batch keys in the params file")
+    args = p.parse_args(argv)
+
+    params = load_params(args.params)
+    hw_name = args.hardware or params.default_hardware
+    if hw_name not in params.hardware:
+        p.error(f"--hardware {hw_name!r}: not in {sorted(params.hardware)}")
+    cpsat_seconds = args.cpsat_seconds or (6.0 if args.quick else 20.0)
+    if args.trace:
+        if not args.model:
+            p.error("--trace needs --model (a key of 'models' in the params file)")
+        topos = tuple(tuple(int(x) for x in t.split("x")) for t in args.topologies.split(","))
+        scenarios = [Scenario(args.trace, args.model, topos, tuple(args.batches.split(",")))]
+        stem = "simulation_" + Path(args.trace).stem
+    else:
+        scenarios = suite(args.quick)
+        stem = "simulation"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    load_before = _load()
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    for sc in scenarios:
+        rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True))
+    elapsed = time.perf_counter() - t0
+    mach = machine()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    (out / f"{stem}.json").write_text(json.dumps({
+        "command": command, "machine": mach, "date": stamp, "hardware": hw_name, "cpsat_seconds": cpsat_seconds,
+        "params": json.loads(Path(args.params).read_text()), "rows": [r.as_dict() for r in rows],
+    }, indent=1) + "\n")
+    pngs = []
+    for tr in dict.fromkeys(r.trace for r in rows):
+        if len({r.ep_size for r in rows if r.trace == tr}) > 1:
+            f = out / f"sim_time_vs_ep_{tr}.png"
+            plot_time_vs_ep(rows, f, tr, f"{tr}: simulated MoE time per step vs EP size ({hw_name})")
+            pngs.append(f.name)
+    f = out / f"sim_breakdown_{stem}.png"
+    plot_breakdown([r for r in rows if r.batch.startswith("prefill") and r.ep_size // r.num_nodes == 4], f,
+                   f"dispatch / compute / combine per layout ({hw_name}), prefill batches")
+    pngs.append(f.name)
+
+    hw = params.hardware[hw_name]
+    md = [
+        "# Cluster-scale simulation of expert placements",
+        "",
+        f"Produced by `{command}` (run under `flock /tmp/moeplace-heavy.lock`) on {stamp}, commit {mach['commit']}.",
+        f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), Python {mach['python']}; load average before {load_before}, "
+        f"after {_load()}; wall time {elapsed:.0f} s. The simulator is deterministic (seeded batches); the CP-SAT and "
+        f"greedy layouts depend on time limits ({cpsat_seconds:g} s per CP-SAT solve) and so slightly on machine load.",
+        "",
+        f"Hardware profile `{hw_name}` from `benchmarks/sim_params.json`: NVLink {hw.nvlink_bandwidth_gbs:g} GB/s + "
+        f"{hw.nvlink_latency_us:g} µs, RDMA {hw.rdma_bandwidth_gbs:g} GB/s + {hw.rdma_latency_us:g} µs per GPU and direction, "
+        f"{hw.gpu_tflops:g} TFLOP/s, HBM {hw.hbm_bandwidth_tbs:g} TB/s, node aggregation {hw.node_aggregation}, "
+        f"RDMA/NVLink overlap {hw.overlap_rdma_nvlink}. Source: {hw.source}",
+        "",
+        "The time model and the batch model are stated in `docs/simulator.md`. Every layout is fitted on the first half "
+        "of the trace's requests and simulated on the held-out half; `node_sends` and `imbalance` are the placement "
+        "metrics (`vllm_moeplace/solver/metrics.py`) on the held-out half. MoE step time = sum over MoE layers of "
+        "(slowest rank's dispatch + slowest rank's expert compute + slowest rank's combine); attention, dense layers and "
+        "shared experts are not simulated (they do not depend on placement).",
+        "",
+        "Layouts: `linear` = vLLM's default contiguous blocks; `round_robin` = vLLM's round-robin; `eplb` = DeepSeek EPLB "
+        "hierarchical policy without redundant experts; `greedy` = co-activation greedy; `cpsat` = our CP-SAT plan "
+        "(`moeplace solve`)." + ("" if "cpsat" in available_layouts() else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
+        "",
+        "## Time vs EP size",
+        "",
+    ]
+    md += [f"![time vs EP]({x})" for x in pngs if x.startswith("sim_time_vs_ep")]
+    md += ["", "## Per scenario, all layouts side by side", "", all_tables(rows), f"![breakdown]({pngs[-1]})", ""]
+    if not args.trace:
+        md.append(seeds_section(rows))
+    md += [
+        "## Limits of these numbers",
+        "",
+        "- A model, not a measurement: no congestion beyond each GPU's own links, no switch oversubscription, no "
+        "kernel launch jitter; latencies and compute efficiencies are assumptions stated in the parameter file.",
+        "- Batches are tokens drawn at random from the held-out requests and dealt uniformly to ranks (the metrics' "
+        "assumption); real prefill batches hold whole prompts, whose tokens route alike, so real per-step skew is larger.",
+        "- The DeepSeek-V2-Lite trace is prefill only: its `decode` rows reuse prefill routing at decode batch size.",
+        "- No redundant experts anywhere here (all layouts hold E/R experts per rank).",
+        "",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(md))
+    print(f"wrote {out / (stem + '.md')} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
