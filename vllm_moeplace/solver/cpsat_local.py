@@ -34,6 +34,7 @@ class SwapSearch:
         cap: np.ndarray | None = None,
         linear: np.ndarray | None = None,
         pattern_weight: np.ndarray | None = None,
+        unit_group: np.ndarray | None = None,
     ):
         self.inst = inst
         self.U = len(unit_weight)
@@ -48,6 +49,8 @@ class SwapSearch:
         self.cnt = inst.unit_counts(self.a, self.U)
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
         self.swaps = 0
+        # Swaps only between units of the same group (ranks of one node at the rank level).
+        self.group = np.zeros(self.U, dtype=np.int64) if unit_group is None else np.asarray(unit_group)
 
     # ---- cost ----------------------------------------------------------------------------------
     def cost(self) -> float:
@@ -121,7 +124,7 @@ class SwapSearch:
             over_now = np.maximum(self.unit_load[ua] - self.cap[ua], 0) + np.maximum(self.unit_load[ub] - self.cap[ub], 0)
             over_new = np.maximum(na - self.cap[ua], 0) + np.maximum(nb - self.cap[ub], 0)
             gain = over_now - over_new
-            gain[ua == ub] = -np.inf
+            gain[(ua == ub) | (self.group[ua] != self.group[ub])] = -np.inf
             best = gain.max()
             if best <= _EPS:
                 return
@@ -139,7 +142,8 @@ class SwapSearch:
         while time.monotonic() < deadline:
             d = self.move_deltas()
             approx = d[idx[:, None], self.a[None, :]] + d[idx[None, :], self.a[:, None]]  # d[e,a_f] + d[f,a_e]
-            approx[self.a[:, None] == self.a[None, :]] = np.inf
+            ga = self.group[self.a]
+            approx[(self.a[:, None] == self.a[None, :]) | (ga[:, None] != ga[None, :])] = np.inf
             approx[np.tril_indices(E)] = np.inf
             flat = np.flatnonzero(approx < -_EPS)
             if not flat.size:

@@ -1,0 +1,42 @@
+"""Options of `solve()` (and of `moeplace solve`), validated once at the edge."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Objective = Literal["node_sends", "rank_sends", "hop_cost"]
+
+
+class SolveOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    objective: Objective = "node_sends"
+    """Primary objective. node_sends is always the node-level criterion; rank_sends adds the
+    rank-level term inside nodes, hop_cost adds each expert's mean link cost from all origins."""
+    inter_layer_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of inter_layer_node_sends (nodes a token newly needs at layer l+1); > 0 couples
+    layers, which are then solved in order with layer l fixed when placing l+1."""
+    max_imbalance: float = Field(default=1.05, ge=1.0)
+    """Hard bound on train max/mean load, per node and per rank (held-out drifts above it)."""
+    redundant_per_rank: int = Field(default=0, ge=0)
+    """Extra expert slots per rank filled with copies of hot experts (evaluated offline)."""
+    time_limit: float = Field(default=60.0, gt=0.0)
+    """Total wall-clock budget of the search, split evenly over the layers."""
+    train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Plan from the first fraction of requests; the rest is held out for the report."""
+    seed: int = 0
+    deterministic: bool = False
+    """Reproducible regardless of load: one CP-SAT worker bounded by deterministic time, and the
+    local search bounded by iteration counts instead of the clock."""
+    workers: int = Field(default=2, ge=1, le=2)
+    lns_fraction: float = Field(default=0.4, ge=0.0, le=1.0)
+    """Share of each layer's budget spent on CP-SAT re-optimisation of node pairs (the rest on
+    perturb-and-descend local search)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SolveOptions":
+        if self.objective == "hop_cost" and self.inter_layer_weight < 0:
+            raise ValueError("inter_layer_weight must be >= 0")
+        return self

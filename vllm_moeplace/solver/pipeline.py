@@ -1,0 +1,300 @@
+"""`solve(trace, topology, options) -> Plan`: the placement optimiser end to end.
+
+Per MoE layer (layers are independent unless the inter-layer term is on; then they are solved
+in order, layer l+1 seeing layer l fixed):
+
+Step 1  expert -> node. node_sends depends only on node membership, so this is a weighted set
+        partition over the layer's unique routing patterns (`cpsat_instance`), each node holding
+        exactly (ranks on node x slots) experts and at most max_imbalance x its mean train load.
+        Warm start: load-capped co-activation greedy, repaired and descended by exact-delta swaps
+        (`greedy`, `cpsat_local`). Then the budget alternates CP-SAT re-optimisation of two nodes
+        at a time (`cpsat_model`, exact on the aggregated patterns, hinted with the incumbent) and
+        perturb-and-descend local search; only strict improvements are kept.
+Step 2  expert -> rank inside each node: longest-processing-time, then swaps inside the node down
+        to the rank load cap (and, for --objective rank_sends, fewer distinct ranks per token).
+Step 3  redundant copies, if asked (`cpsat_redundancy`).
+Bound   per layer max(one node per pattern, the star bound of `cpsat_bound`) for node_sends;
+        the gap in the plan is (objective - bound) / objective over all layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.plan import Plan, Topology, validate_plan
+from vllm_moeplace.solver import stats
+from vllm_moeplace.solver.cpsat_bound import star_lower_bound
+from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
+from vllm_moeplace.solver.cpsat_local import SwapSearch
+from vllm_moeplace.solver.cpsat_model import reoptimise_units
+from vllm_moeplace.solver.cpsat_redundancy import add_replicas
+from vllm_moeplace.solver.greedy import grow_groups, lpt_partition
+from vllm_moeplace.solver.options import SolveOptions
+from vllm_moeplace.trace import Trace
+
+log = logging.getLogger(__name__)
+
+
+class SolveError(MoeplaceError):
+    """The instance or the constraints cannot be solved as asked (names the value)."""
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    layout: np.ndarray  # int64 [R, S]
+    objective: float  # node-level objective on train (scaled: x R, summed over tokens)
+    bound: float  # lower bound on the same quantity
+    start_objective: float  # of the warm start
+    cpsat_calls: int
+    cpsat_improvements: int
+    cpsat_status: str
+    node_overflow: float
+    rank_imbalance: float  # train max/mean rank load
+
+
+def solve(
+    trace: Trace,
+    topology: Topology,
+    options: SolveOptions,
+    *,
+    model_name: str = "unknown",
+    trace_path: str | None = None,
+) -> Plan:
+    """A validated plan for every MoE layer of `trace` (trained on options.train_fraction of it)."""
+    t0 = time.monotonic()
+    E, R = trace.num_experts, topology.ep_size
+    check_instance(E, topology, options)
+    train = trace if options.train_fraction >= 1.0 else trace.split_by_request(options.train_fraction)[0]
+    L = train.num_layers
+    per_layer = options.time_limit / L
+    rng = np.random.default_rng(options.seed)
+    layers: dict[int, np.ndarray] = {}
+    results: list[LayerResult] = []
+    prev_nodes: np.ndarray | None = None
+    for l in range(L):
+        res = _solve_layer(train, l, topology, options, per_layer, rng, prev_nodes)
+        layers[int(train.layer_ids[l])] = res.layout
+        results.append(res)
+        if options.inter_layer_weight > 0:
+            prev_nodes = _token_nodes(train, l, res.layout, topology)
+    obj = sum(r.objective for r in results)
+    bound = sum(r.bound for r in results)
+    denom = float(train.num_tokens * L * R) or 1.0
+    gap = (obj - bound) / obj if obj > 0 else 0.0
+    calls = sum(r.cpsat_calls for r in results)
+    solver: dict[str, Any] = {
+        "method": "node-partition LNS: capped co-activation greedy + exact-delta swaps + CP-SAT 2-node re-optimisation, LPT ranks",
+        "objective_name": options.objective,
+        "objective": obj / denom,
+        "best_bound": bound / denom,
+        "gap": gap,
+        "bound_method": "star decomposition (cpsat_bound) for node_sends; 1 node per pattern otherwise",
+        "status": "FEASIBLE" if gap > 1e-9 else "OPTIMAL",
+        "warm_start_objective": sum(r.start_objective for r in results) / denom,
+        "cpsat_calls": calls,
+        "cpsat_improvements": sum(r.cpsat_improvements for r in results),
+        "cpsat_last_status": next((r.cpsat_status for r in reversed(results) if r.cpsat_calls), "NOT_RUN"),
+        "train_rank_imbalance": float(np.mean([r.rank_imbalance for r in results])),
+        "options": options.model_dump(),
+        "trace": trace_path,
+        "train_fraction": options.train_fraction,
+        "train_tokens": train.num_tokens,
+        "seed": options.seed,
+        "time_s": time.monotonic() - t0,
+    }
+    if any(r.node_overflow > 0 for r in results):
+        msg = "some layers exceed --max-imbalance on train at node level; kept the best found"
+        warnings.warn(msg, stacklevel=2)
+        solver["warning"] = msg
+    plan = Plan(
+        model_name=model_name,
+        num_experts=E,
+        moe_layers=[int(x) for x in trace.layer_ids],
+        ep_size=R,
+        topology=topology,
+        layers=layers,
+        solver=solver,
+    )
+    validate_plan(plan)
+    return plan
+
+
+def check_instance(E: int, topology: Topology, options: SolveOptions) -> None:
+    R = topology.ep_size
+    if E % R:
+        raise SolveError(
+            f"ep_size {R} does not divide num_experts {E} + redundant slots {R * options.redundant_per_rank} "
+            f"(= {E + R * options.redundant_per_rank} physical experts)"
+        )
+
+
+def _solve_layer(
+    train: Trace,
+    l: int,
+    topology: Topology,
+    opt: SolveOptions,
+    budget: float,
+    rng: np.random.Generator,
+    prev_nodes: np.ndarray | None,
+) -> LayerResult:
+    E, R = train.num_experts, topology.ep_size
+    s = E // R
+    g = topology.ranks_per_node
+    sizes = g * s
+    base = LayerInstance.from_trace(train, l)
+    load = base.expert_load()
+    _check_balance(load, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
+    inst, pweight = base, None
+    w = node_weights(g, R)
+    if prev_nodes is not None:
+        inst, pweight = _inter_layer_instance(train, l, prev_nodes, w, opt.inter_layer_weight, R)
+    lin = None
+    if opt.objective == "hop_cost":
+        # Mean link cost from all origin ranks to node u, per pair; node_sends kept as tie-break.
+        h = (g[:, None] * topology.link_cost).sum(axis=0)  # x R already
+        lin = load[:, None] * h[None, :]
+        w = w * 1e-3
+        pweight = None if pweight is None else pweight * 1e-3
+    cap = sizes / E * load.sum() * opt.max_imbalance
+    start = grow_groups(stats.coactivation(train, l), load, sizes, cap)
+    search = SwapSearch(inst, start, w, cap, linear=lin, pattern_weight=pweight)
+    deadline = time.monotonic() + budget
+    det = opt.deterministic
+    search.repair(np.inf if det else deadline)
+    search.descend(np.inf if det else deadline)
+    start_obj = search.cost()
+    calls, improved, status = _improve(search, topology.num_nodes, opt, budget, deadline, rng)
+    node_assign = search.a
+    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, load, opt)
+    if opt.redundant_per_rank:
+        layout = add_replicas(layout, load, topology, opt.redundant_per_rank)
+    if opt.objective == "node_sends" and prev_nodes is None:
+        bound = max(float(inst.counts.sum() * w.min()), star_lower_bound(inst, int(sizes.max()), float(w.min())))
+    else:
+        bound = float(inst.counts.sum() * w.min()) if lin is None else 0.0
+    return LayerResult(
+        layout=layout,
+        objective=search.cost(),
+        bound=min(bound, search.cost()),
+        start_objective=start_obj,
+        cpsat_calls=calls,
+        cpsat_improvements=improved,
+        cpsat_status=status,
+        node_overflow=search.overflow(),
+        rank_imbalance=rank_imb,
+    )
+
+
+def _improve(search: SwapSearch, N: int, opt: SolveOptions, budget: float, deadline: float, rng) -> tuple[int, int, str]:
+    """Alternate CP-SAT on node pairs and perturb-and-descend until the layer's budget is spent."""
+    if N < 2:
+        return 0, 0, "NOT_RUN"
+    pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
+    order = [pairs[k] for k in rng.permutation(len(pairs))]
+    calls = improved = 0
+    status = "NOT_RUN"
+    sub_time = max(0.2, min(2.0, budget * opt.lns_fraction / max(1, len(pairs))))
+    # Deterministic mode: fixed work instead of the clock.
+    rounds = max(1, int(budget * 4)) if opt.deterministic else 10**9
+    best_a, best_c = search.a.copy(), search.cost()
+    for it in range(rounds):
+        if not opt.deterministic and time.monotonic() + sub_time > deadline:
+            break
+        if opt.lns_fraction > 0 and (it % 2 == 0 or opt.lns_fraction >= 1):
+            units = list(order[(it // 2) % len(order)])
+            r = reoptimise_units(search, units, sub_time, seed=opt.seed + it, deterministic=opt.deterministic, workers=opt.workers)
+            calls += 1
+            status = r.status
+            if r.improved:
+                improved += 1
+                search.descend(np.inf if opt.deterministic else deadline)
+        else:
+            _kick(search, rng, 3)
+            search.descend(np.inf if opt.deterministic else deadline)
+        c = search.cost()
+        if c < best_c - 1e-9 and search.overflow() <= 1e-9:
+            best_a, best_c = search.a.copy(), c
+        elif c > best_c + 1e-9 or search.overflow() > 1e-9:
+            _reset(search, best_a)
+    return calls, improved, status
+
+
+def _kick(search: SwapSearch, rng: np.random.Generator, n: int) -> None:
+    E = len(search.a)
+    for _ in range(n):
+        for _try in range(50):
+            e, f = (int(v) for v in rng.choice(E, 2, replace=False))
+            if search.a[e] != search.a[f] and search._load_ok(e, f):
+                search.apply_swap(e, f)
+                break
+
+
+def _reset(search: SwapSearch, assign: np.ndarray) -> None:
+    search.a = assign.copy()
+    search.cnt = search.inst.unit_counts(search.a, search.U)
+    search.unit_load = np.bincount(search.a, weights=search.load, minlength=search.U)
+
+
+def _place_ranks(
+    inst: LayerInstance, node_assign: np.ndarray, topology: Topology, s: int, load: np.ndarray, opt: SolveOptions
+) -> tuple[np.ndarray, float]:
+    """Step 2: experts of each node onto its ranks; returns (layout [R, s], train rank imbalance)."""
+    R = topology.ep_size
+    layout = np.zeros((R, s), dtype=np.int64)
+    for n, ranks in enumerate(topology.nodes):
+        layout[ranks] = lpt_partition(np.flatnonzero(node_assign == n), load, len(ranks), s)
+    if max(len(r) for r in topology.nodes) > 1:
+        rank_of = np.empty(len(load), dtype=np.int64)
+        for r in range(R):
+            rank_of[layout[r]] = r
+        cap = np.full(R, load.sum() / R * opt.max_imbalance)
+        rw = np.full(R, float(R - 1)) if opt.objective == "rank_sends" else np.zeros(R)
+        search = SwapSearch(inst, rank_of, rw, cap, unit_group=topology.node_of_rank)
+        search.repair(time.monotonic() + 5.0)
+        if opt.objective == "rank_sends":
+            search.descend(time.monotonic() + 5.0)
+        for r in range(R):
+            layout[r] = np.flatnonzero(search.a == r)
+    rank_load = load[layout].sum(axis=1)
+    return layout, float(rank_load.max() / rank_load.mean())
+
+
+def _check_balance(load: np.ndarray, R: int, bound: float, layer: int, redundant: int) -> None:
+    """A bound below what the hottest expert alone forces is infeasible: say so with the best."""
+    mean = load.sum() / R
+    if redundant == 0 and mean > 0 and load.max() > bound * mean:
+        best = load.max() / mean
+        raise SolveError(
+            f"--max-imbalance {bound} is infeasible at layer {layer}: expert {int(load.argmax())} alone carries "
+            f"{best:.3f} x the mean rank load; best achievable >= {best:.3f} (or add --redundant-per-rank)"
+        )
+
+
+def _token_nodes(trace: Trace, l: int, layout: np.ndarray, topology: Topology) -> np.ndarray:
+    """bool [T, N]: nodes each train token visits at layer l (primary copies)."""
+    rank_of = np.empty(trace.num_experts, dtype=np.int64)
+    for r in range(layout.shape[0]):
+        rank_of[layout[r]] = r  # the last copy wins; fine for the inter-layer heuristic
+    nodes = topology.node_of_rank[rank_of][trace.topk_ids[:, l, :]]
+    out = np.zeros((trace.num_tokens, topology.num_nodes), dtype=bool)
+    out[np.arange(trace.num_tokens)[:, None], nodes] = True
+    return out
+
+
+def _inter_layer_instance(trace: Trace, l: int, prev: np.ndarray, w: np.ndarray, lam: float, R: int):
+    """Patterns keyed by (expert set at l, nodes visited at l-1): touching a node the token did not
+    visit at l-1 costs lam extra (inter_layer_node_sends, scaled by R like the node weights)."""
+    ids = np.sort(trace.topk_ids[:, l, :].astype(np.int64), axis=1)
+    key = np.concatenate([ids, prev.astype(np.int64)], axis=1)
+    uniq, counts = np.unique(key, axis=0, return_counts=True)
+    K = ids.shape[1]
+    inst = LayerInstance(uniq[:, :K], counts.astype(np.float64), trace.num_experts)
+    pweight = w[None, :] + lam * R * (1 - uniq[:, K:])
+    return inst, pweight
