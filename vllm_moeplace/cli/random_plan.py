@@ -1,0 +1,87 @@
+"""`moeplace random-plan`: a seeded random permutation of experts per MoE layer, as plan.json.
+
+Until a solver plan is at hand this is the non-trivial placement the demo and the end-to-end
+tests serve with: outputs must equal the default layout's for ANY permutation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.plan import Plan, Topology
+
+
+def model_moe_info(model_dir: str | Path) -> tuple[str, int, list[int]]:
+    """(architecture, num routed experts, MoE decoder-layer indices) from a model's config.json."""
+    from vllm_moeplace.serving.arch import ARCHITECTURES, arch_for
+
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except OSError as e:
+        raise MoeplaceError(f"{cfg_path}: cannot read model config: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise MoeplaceError(f"{cfg_path}: malformed JSON: {e.msg}") from None
+    arch = arch_for(raw.get("architectures"))
+    if arch is None:
+        raise MoeplaceError(
+            f"{cfg_path}: field 'architectures': value {raw.get('architectures')}: not a supported MoE "
+            f"architecture ({', '.join(ARCHITECTURES)})"
+        )
+    cfg = SimpleNamespace(**raw)
+    return arch.name, arch.num_experts(cfg), arch.moe_layers(cfg)
+
+
+def random_plan(
+    model_dir: str | Path,
+    ep_size: int,
+    seed: int = 0,
+    ranks_per_node: int | None = None,
+    groups: int = 1,
+) -> Plan:
+    """Each MoE layer: a uniformly random permutation of the experts, cut into ep_size ranks.
+
+    `groups` > 1 permutes only within contiguous id groups (grouped top-k models).
+    """
+    _, num_experts, moe_layers = model_moe_info(model_dir)
+    if ep_size <= 0 or num_experts % ep_size:
+        raise MoeplaceError(f"--ep-size: value {ep_size} does not divide the model's {num_experts} experts")
+    if groups <= 0 or num_experts % groups:
+        raise MoeplaceError(f"--groups: value {groups} does not divide the model's {num_experts} experts")
+    rng = np.random.default_rng(seed)
+    size = num_experts // groups
+    layers = {}
+    for layer in moe_layers:
+        perm = np.concatenate([g * size + rng.permutation(size) for g in range(groups)])
+        layers[layer] = perm.reshape(ep_size, num_experts // ep_size)
+    return Plan(
+        model_name=str(model_dir),
+        num_experts=num_experts,
+        moe_layers=moe_layers,
+        ep_size=ep_size,
+        topology=Topology.uniform(ep_size, ranks_per_node or ep_size),
+        layers=layers,
+        solver={"method": "random_permutation", "seed": seed, "groups": groups},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (config.json)")
+    parser.add_argument("--ep-size", type=int, required=True, help="expert-parallel size the plan is for")
+    parser.add_argument("--out", required=True, help="plan.json to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks-per-node", type=int, default=None, help="default: all ranks on one node")
+    parser.add_argument("--groups", type=int, default=1, help="keep experts within this many contiguous id groups")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = random_plan(args.model, args.ep_size, args.seed, args.ranks_per_node, args.groups)
+    plan.save(args.out)
+    print(f"wrote {args.out}: {len(plan.layers)} MoE layers, {plan.num_experts} experts over {plan.ep_size} ranks")
+    return 0

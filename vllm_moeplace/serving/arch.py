@@ -1,0 +1,124 @@
+"""Per-architecture facts the placement needs: where the MoE block of a decoder layer lives in
+the checkpoint (every `{block}.experts.{e}.*` tensor is per expert), which are router rows, which must stay untouched,
+and which decoder layers are MoE layers.
+
+Exact names, not patterns: a tensor under a planned MoE block that this table does not name makes
+the load fail (see remap.py), so an unknown checkpoint layout (e.g. experts stored as one fused
+3-D tensor) is refused instead of silently misrouted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+def _qwen_moe_layers(cfg: Any) -> list[int]:
+    # vLLM qwen2_moe.py / qwen3_moe.py decoder layer: MoE unless listed in mlp_only_layers,
+    # and only every decoder_sparse_step-th layer.
+    only_mlp = set(getattr(cfg, "mlp_only_layers", None) or [])
+    step = getattr(cfg, "decoder_sparse_step", None) or 1
+    if not (getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)):
+        return []
+    return [i for i in range(cfg.num_hidden_layers) if i not in only_mlp and (i + 1) % step == 0]
+
+
+def _mixtral_moe_layers(cfg: Any) -> list[int]:
+    return list(range(cfg.num_hidden_layers))
+
+
+def _deepseek_moe_layers(cfg: Any) -> list[int]:
+    # vLLM deepseek_v2.py DeepseekV2DecoderLayer: first_k_dense_replace dense layers, then MoE
+    # every moe_layer_freq layers. MTP layers (index >= num_hidden_layers) are not main-model layers.
+    if getattr(cfg, "n_routed_experts", None) is None:
+        return []
+    k = getattr(cfg, "first_k_dense_replace", None) or 0
+    freq = getattr(cfg, "moe_layer_freq", None) or 1
+    return [i for i in range(cfg.num_hidden_layers) if i >= k and i % freq == 0]
+
+
+@dataclass(frozen=True)
+class MoeArch:
+    """How one architecture's MoE block is laid out in an HF checkpoint."""
+
+    name: str
+    block: str
+    """Attribute of the decoder layer holding the MoE block (`layers.{l}.{block}.`)."""
+    num_experts_attrs: tuple[str, ...]
+    """HF config fields with the number of routed experts, first present wins (transformers 5
+    writes Qwen's `num_experts` as `num_local_experts` in config.json)."""
+    router_rows: tuple[str, ...]
+    """Tensors after `{block}.` whose dim 0 is indexed by expert id (permuted with the experts)."""
+    untouched_prefixes: tuple[str, ...]
+    """Tensors after `{block}.` that are not per routed expert (shared experts and their gate)."""
+    moe_layers: Callable[[Any], list[int]]
+
+    def num_experts(self, hf_config: Any) -> int:
+        for attr in self.num_experts_attrs:
+            value = getattr(hf_config, attr, None)
+            if value is not None:
+                return int(value)
+        raise AttributeError(f"{self.name} config has none of {self.num_experts_attrs}")
+
+    def expert_groups(self, hf_config: Any) -> int:
+        """Number of contiguous expert-id groups of grouped top-k routing (1 = not grouped)."""
+        if self.name.startswith("Deepseek"):
+            return int(getattr(hf_config, "n_group", None) or 1)
+        return 1
+
+
+ARCHITECTURES: dict[str, MoeArch] = {
+    a.name: a
+    for a in [
+        MoeArch(
+            name="Qwen3MoeForCausalLM",
+            block="mlp",
+            num_experts_attrs=("num_experts", "num_local_experts"),
+            router_rows=("gate.weight",),
+            # Qwen3-MoE variants with a shared expert (vLLM qwen3_moe.py builds one when
+            # shared_expert_intermediate_size > 0); shared_expert_gate has ONE output row.
+            untouched_prefixes=("shared_expert.", "shared_expert_gate."),
+            moe_layers=_qwen_moe_layers,
+        ),
+        MoeArch(
+            name="Qwen2MoeForCausalLM",
+            block="mlp",
+            num_experts_attrs=("num_experts", "num_local_experts"),
+            router_rows=("gate.weight",),
+            untouched_prefixes=("shared_expert.", "shared_expert_gate."),
+            moe_layers=_qwen_moe_layers,
+        ),
+        MoeArch(
+            name="MixtralForCausalLM",
+            block="block_sparse_moe",
+            num_experts_attrs=("num_local_experts",),
+            router_rows=("gate.weight",),
+            untouched_prefixes=(),
+            moe_layers=_mixtral_moe_layers,
+        ),
+        MoeArch(
+            name="DeepseekV2ForCausalLM",
+            block="mlp",
+            num_experts_attrs=("n_routed_experts",),
+            router_rows=("gate.weight", "gate.e_score_correction_bias"),
+            untouched_prefixes=("shared_experts.",),
+            moe_layers=_deepseek_moe_layers,
+        ),
+        MoeArch(
+            name="DeepseekV3ForCausalLM",
+            block="mlp",
+            num_experts_attrs=("n_routed_experts",),
+            router_rows=("gate.weight", "gate.e_score_correction_bias"),
+            untouched_prefixes=("shared_experts.",),
+            moe_layers=_deepseek_moe_layers,
+        ),
+    ]
+}
+
+
+def arch_for(architectures: list[str] | None) -> MoeArch | None:
+    """The table entry for an HF `architectures` list, or None if unsupported."""
+    for name in architectures or []:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    return None

@@ -1,0 +1,284 @@
+"""vLLM general plugin (`vllm.general_plugins` entry point): `register()` runs in every vLLM
+process (API server / LLM process, engine core, each worker).
+
+Two layers of hooks, so that without a plan nothing in vLLM's runtime changes:
+
+- config hooks, installed in every process (inert unless asked): `--moe-placement-plan` and
+  `--moe-cpu-ep-fix` on `EngineArgs.add_cli_args` (so they show in `vllm serve --help`), and a
+  wrapper of `EngineArgs.create_engine_config` that, when a plan or the fix is requested,
+  validates the plan against the model and server BEFORE any worker is spawned, writes the
+  absolute path + SHA-256 into `additional_config`, and marks child processes active through
+  the environment (`MOEPLACE_RUNTIME_HOOKS=1`).
+- runtime hooks, installed only in active processes: a wrapper of `BaseModelLoader.load_model`
+  that remaps expert weights for the plan (remap.py) and installs the CPU EP kernel fix
+  (cpu_ep_fix.py) where needed. Nothing else is patched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import logging
+import os
+from typing import Any
+
+# Under "vllm." so vLLM's own log handler and level apply.
+logger = logging.getLogger("vllm.moeplace")
+
+_registered = False
+_runtime_installed = False
+_flags_from_cli = False  # the plan came from our CLI flag: report errors as one line + exit
+
+
+def register() -> None:
+    """Entry point. Re-entrant and idempotent; imports vLLM lazily; no I/O."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _install_config_hooks()
+    from vllm_moeplace.serving.settings import ENV_ACTIVE
+
+    if os.environ.get(ENV_ACTIVE) == "1":
+        install_runtime_hooks()
+
+
+# ---------------------------------------------------------------------------------------------
+# config hooks (every process)
+# ---------------------------------------------------------------------------------------------
+
+
+class _EnvAction(argparse.Action):
+    """Store the value AND export it, so the engine core and workers inherit it."""
+
+    def __init__(self, *args: Any, env: str, **kwargs: Any):
+        self.env = env
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        global _flags_from_cli
+        _flags_from_cli = True
+        if self.nargs == 0:
+            values = True
+            os.environ[self.env] = "1"
+        else:
+            values = os.path.abspath(values)
+            os.environ[self.env] = values
+        setattr(namespace, self.dest, values)
+
+
+def add_cli_flags(parser: Any) -> Any:
+    from vllm_moeplace.serving.settings import ENV_FIX, ENV_PLAN
+
+    if "--moe-placement-plan" in getattr(parser, "_option_string_actions", {}):
+        return parser
+    group = parser.add_argument_group("vllm-moeplace", "Expert placement (vllm-moeplace plugin).")
+    group.add_argument(
+        "--moe-placement-plan",
+        metavar="PATH",
+        default=None,
+        action=_EnvAction,
+        env=ENV_PLAN,
+        help="Placement plan (plan.json from `moeplace solve`): load on every expert-parallel rank "
+        "exactly the experts the plan assigns. Needs --enable-expert-parallel. "
+        'Offline API: additional_config={"moe_placement_plan": PATH}.',
+    )
+    group.add_argument(
+        "--moe-cpu-ep-fix",
+        default=False,
+        nargs=0,
+        action=_EnvAction,
+        env=ENV_FIX,
+        help="Apply only vllm-moeplace's fix of the CPU expert-parallel kernel (implied by "
+        "--moe-placement-plan on CPU); lets vLLM's default layout run TP+EP on CPU.",
+    )
+    return parser
+
+
+def _install_config_hooks() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, "_moeplace", False):
+        return
+    orig_add = EngineArgs.add_cli_args
+
+    @functools.wraps(orig_add)
+    def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        return add_cli_flags(orig_add(parser, *args, **kwargs))
+
+    add_cli_args._moeplace = True  # type: ignore[attr-defined]
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+
+    orig_create = EngineArgs.create_engine_config
+
+    @functools.wraps(orig_create)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _create_engine_config(orig_create, self, *args, **kwargs)
+
+    create_engine_config._moeplace = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _create_engine_config(orig: Any, engine_args: Any, *args: Any, **kwargs: Any) -> Any:
+    from vllm_moeplace.errors import MoeplaceError
+    from vllm_moeplace.serving import settings as st
+
+    req = st.requested(engine_args.additional_config)
+    if not req.active:
+        # Nothing asked: vLLM exactly as without the plugin (and no stale flag for children).
+        os.environ.pop(st.ENV_ACTIVE, None)
+        return orig(engine_args, *args, **kwargs)
+    try:
+        return _create_active_config(orig, engine_args, req, *args, **kwargs)
+    except MoeplaceError as e:
+        if _flags_from_cli:
+            # `vllm serve`: one line naming file, field and value; no traceback.
+            raise SystemExit(f"vllm-moeplace: error: {e}") from None
+        raise
+
+
+def _create_active_config(orig: Any, engine_args: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.serving import settings as st
+    from vllm_moeplace.serving.compat import check_supported
+    from vllm_moeplace.serving.validate import check_server
+
+    extra = dict(engine_args.additional_config or {})
+    plan = None
+    if req.plan_path is not None:
+        check_supported("--moe-placement-plan")
+        path = os.path.abspath(req.plan_path)
+        plan = load_plan(path)  # structural checks: PlanError naming file/field/value
+        extra[st.PLAN_KEY] = path
+        extra[st.SHA_KEY] = st.file_sha256(path)
+    if req.cpu_ep_fix:
+        extra[st.FIX_KEY] = True
+    engine_args.additional_config = extra
+    vllm_config = orig(engine_args, *args, **kwargs)
+    if plan is not None:
+        check_server(plan, vllm_config)
+        logger.info("vllm-moeplace: serving with placement plan %s (%d layers)", plan.source, len(plan.layers))
+    os.environ[st.ENV_ACTIVE] = "1"
+    # Workers may run in this very process (uniproc executor): their hooks must exist here too.
+    install_runtime_hooks()
+    return vllm_config
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime hooks (active processes only)
+# ---------------------------------------------------------------------------------------------
+
+
+def runtime_hooks_installed() -> bool:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    return getattr(BaseModelLoader.load_model, "_moeplace", False)
+
+
+def install_runtime_hooks() -> None:
+    global _runtime_installed
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    if _runtime_installed or runtime_hooks_installed():
+        return
+    _runtime_installed = True
+    orig = BaseModelLoader.load_model
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(self, *args, **kwargs)
+        return _load_model(orig, bound, self, bound.arguments["vllm_config"], bound.arguments["model_config"])
+
+    load_model._moeplace = True  # type: ignore[attr-defined]
+    BaseModelLoader.load_model = load_model
+
+
+def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_config: Any, model_config: Any) -> Any:
+    from vllm_moeplace.plan import PlanError
+    from vllm_moeplace.serving import cpu_ep_fix
+    from vllm_moeplace.serving import settings as st
+
+    req = st.requested(vllm_config.additional_config, environ={})
+    if (req.active) and cpu_ep_fix.needs_fix(vllm_config):
+        if cpu_ep_fix.install():
+            logger.info("vllm-moeplace: CPU expert-parallel kernel fix installed")
+    # Only the main model: a draft model of speculative decoding keeps its own layout.
+    if req.plan_path is None or model_config is not vllm_config.model_config:
+        return orig(*bound.args, **bound.kwargs)
+
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    from vllm_moeplace.serving.remap import WeightRemapper
+    from vllm_moeplace.serving.validate import check_server
+
+    plan = st.load_checked(req.plan_path, req.plan_sha256)
+    arch = check_server(plan, vllm_config)
+    if not isinstance(loader, DefaultModelLoader):
+        raise PlanError(f"{plan.source}: model loader {type(loader).__name__} is not supported with a plan")
+    remapper = WeightRemapper(plan, arch)
+    inner = loader.get_all_weights
+    # Instance attribute, only for this one load: the class stays untouched.
+    loader.get_all_weights = lambda mc, model: remapper(inner(mc, model))
+    try:
+        model = orig(*bound.args, **bound.kwargs)
+    finally:
+        del loader.get_all_weights
+    remapper.check_complete()
+    verify_physical_layout(model, plan)
+    logger.info(
+        "vllm-moeplace: placed experts of %d layers per %s (%d expert tensors renamed)",
+        len(plan.layers), plan.source, remapper.renamed,
+    )
+    return model
+
+
+def verify_physical_layout(model: Any, plan: Any) -> None:
+    """Every planned layer's RoutedExperts must use vLLM's linear layout with S = E/R slots per
+    rank: the plan's slot s of rank r is physical expert r*S+s only under that layout."""
+    import re
+
+    import torch
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from vllm_moeplace.plan import PlanError
+
+    S = plan.slots_per_rank()
+    seen = set()
+    for mod in model.modules():
+        if not isinstance(mod, RoutedExperts):
+            continue
+        m = re.search(r"\blayers\.(\d+)\.", mod.layer_name)
+        if m is None or int(m.group(1)) not in plan.layers:
+            continue
+        layer = int(m.group(1))
+        seen.add(layer)
+        ep_rank = mod.moe_config.moe_parallel_config.ep_rank
+        expected = torch.full((plan.num_experts,), -1, dtype=torch.int32)
+        expected[ep_rank * S : (ep_rank + 1) * S] = torch.arange(S, dtype=torch.int32)
+        emap = mod.expert_map_manager.expert_map
+        if (
+            mod.global_num_experts != plan.num_experts
+            or mod.local_num_experts != S
+            or emap is None
+            or not torch.equal(emap.cpu().to(torch.int32), expected)
+        ):
+            raise PlanError(
+                f"{plan.source}: field 'layers.{layer}': vLLM built {mod.layer_name} with "
+                f"{mod.local_num_experts}/{mod.global_num_experts} local experts and a non-linear expert map; "
+                "the plan assumes the linear layout"
+            )
+    # Under pipeline parallelism a rank holds only some layers; missing ones are fine there.
+    if not seen and plan.layers and _pp_size() == 1:
+        raise PlanError(f"{plan.source}: no MoE layer of the model matched the plan's layers {sorted(plan.layers)}")
+
+
+def _pp_size() -> int:
+    try:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().world_size
+    except Exception:  # noqa: BLE001 - no PP group means no PP
+        return 1
+

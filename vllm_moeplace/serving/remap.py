@@ -1,0 +1,124 @@
+"""The placement mechanism: permute which logical expert sits in each physical slot, at load time.
+
+vLLM keeps its `linear` physical layout: with E experts over R EP ranks (S = E/R slots each),
+physical expert p lives on rank p // S, slot p % S. A plan says rank r, slot s must hold logical
+expert `plan.layers[l][r][s]`, i.e. physical p = r*S + s holds logical `perm[p]`,
+`perm = plan.layers[l].ravel()` (the physical->logical map). While the checkpoint streams into
+`model.load_weights` we therefore
+
+  1. rename `...layers.{l}.{block}.experts.{e}.*` to `experts.{inv[e]}.*` (inv = perm^-1), so
+     vLLM's own weight loader puts logical e's weights into physical slot inv[e], and
+  2. permute the router's output rows (gate weight, per-expert score bias) the same way,
+     `new[p] = old[perm[p]]`, so the router scores physical ids directly.
+
+The router then emits physical ids, every dispatch path sees vLLM's usual contiguous blocks, and
+the model computes exactly what it computed before (softmax/sigmoid top-k and renormalisation are
+permutation-equivariant). Zero runtime cost: nothing changes after loading.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+from vllm_moeplace.plan import Plan, PlanError
+from vllm_moeplace.serving.arch import MoeArch
+
+if TYPE_CHECKING:
+    import torch
+
+
+def physical_to_logical(plan: Plan) -> dict[int, np.ndarray]:
+    """Per planned layer, int64 [num_experts]: the logical expert held by physical expert p.
+
+    With a plan active, router top-k ids inside vLLM are these PHYSICAL ids; map them through
+    this array to get checkpoint (logical) expert ids. Layers not in the plan are identity.
+    """
+    return {layer: a.reshape(-1).copy() for layer, a in sorted(plan.layers.items())}
+
+
+@dataclass(frozen=True)
+class LayerRemap:
+    perm: np.ndarray  # [E] physical -> logical
+    inv: np.ndarray  # [E] logical -> physical
+
+
+def build_remaps(plan: Plan) -> dict[int, LayerRemap]:
+    """One permutation per planned layer; refuses plans that are not permutations."""
+    out: dict[int, LayerRemap] = {}
+    for layer, perm in physical_to_logical(plan).items():
+        if perm.size != plan.num_experts or np.unique(perm).size != perm.size:
+            raise PlanError(
+                f"{plan.source}: field 'layers.{layer}': {perm.size} slots for {plan.num_experts} experts; "
+                "redundant expert copies are not supported yet (each expert exactly once per layer)"
+            )
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(perm.size)
+        out[layer] = LayerRemap(perm=perm, inv=inv)
+    return out
+
+
+class WeightRemapper:
+    """Rewrites a stream of (checkpoint name, tensor) pairs for a plan. `check_complete()` (called
+    after loading) verifies every planned layer's router was seen: permuted experts behind an
+    unpermuted router would silently misroute, so that fails the load instead."""
+
+    def __init__(self, plan: Plan, arch: MoeArch):
+        self.plan = plan
+        self.arch = arch
+        self.remaps = build_remaps(plan)
+        block = re.escape(arch.block)
+        # group 1: everything up to and including "{block}."; 2: layer index; 3: the rest
+        self._re = re.compile(rf"^(.*?\blayers\.(\d+)\.{block}\.)(.*)$")
+        self._expert_re = re.compile(r"^experts\.(\d+)\.(.+)$")
+        self.seen_router: set[tuple[int, str]] = set()
+        self.renamed = 0
+
+    def _fail(self, name: str, why: str) -> PlanError:
+        return PlanError(
+            f"{self.plan.source}: cannot apply the plan to checkpoint tensor '{name}' "
+            f"({self.arch.name}): {why}; refusing rather than misrouting"
+        )
+
+    def rename(self, name: str, tensor: "torch.Tensor") -> tuple[str, "torch.Tensor"]:
+        m = self._re.match(name)
+        if m is None:
+            return name, tensor
+        layer = int(m.group(2))
+        remap = self.remaps.get(layer)
+        if remap is None:
+            return name, tensor
+        head, rest = m.group(1), m.group(3)
+        em = self._expert_re.match(rest)
+        if em is not None:
+            e = int(em.group(1))
+            if e >= remap.inv.size:
+                raise self._fail(name, f"expert id {e} >= num_experts {remap.inv.size}")
+            self.renamed += 1
+            return f"{head}experts.{int(remap.inv[e])}.{em.group(2)}", tensor
+        if rest in self.arch.router_rows:
+            if tensor.shape[0] != remap.perm.size:
+                raise self._fail(name, f"router tensor has {tensor.shape[0]} rows, expected {remap.perm.size}")
+            import torch
+
+            self.seen_router.add((layer, rest))
+            # new[p] = old[perm[p]]: the row for physical expert p scores its logical expert.
+            return name, tensor.index_select(0, torch.as_tensor(remap.perm, device=tensor.device))
+        if rest.startswith(self.arch.untouched_prefixes):
+            return name, tensor
+        raise self._fail(name, "tensor not in the placement table of this architecture")
+
+    def __call__(self, weights: Iterable[tuple[str, "torch.Tensor"]]) -> Iterator[tuple[str, "torch.Tensor"]]:
+        for name, tensor in weights:
+            yield self.rename(name, tensor)
+
+    def check_complete(self) -> None:
+        missing = [l for l in self.remaps if (l, "gate.weight") not in self.seen_router]
+        if missing:
+            raise PlanError(
+                f"{self.plan.source}: field 'layers': the checkpoint has no router weight "
+                f"'{self.arch.block}.gate.weight' for planned layers {missing}; refusing to load"
+            )
