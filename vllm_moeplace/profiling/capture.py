@@ -1,0 +1,359 @@
+"""Worker-side router capture for `moeplace profile` (the `moeplace_capture` vLLM general plugin).
+
+How it works (vLLM 0.32/0.33 CPU and GPU model runner V1):
+
+1. `register()` runs in every vLLM process. It does nothing unless capture was requested
+   (environment variable `VLLM_MOEPLACE_CAPTURE=1`, set by `profiling/runner.py` before the engine
+   starts, so spawned engine and worker processes inherit it). When requested it wraps
+   `Worker.load_model` so that, in the worker, right after the weights are loaded and BEFORE the
+   first forward (which is when torch.compile traces the model), step 2 happens.
+2. `install(worker)` binds, on global rank 0 only, one callback per MoE layer through vLLM's own
+   hook `BaseRouter.set_capture_fn`: the callback copies the router's top-k ids (logical ids,
+   taken before any EPLB mapping) into a preallocated int16 buffer of that layer,
+   [max_num_batched_tokens, K]. The callback is a single `copy_` into a tensor: torch.compile
+   traces it into the graph as an input mutation (no Python side effect, no I/O, no graph break).
+   With `--topk-weights` the router's `_compute_routing` is wrapped the same way to copy the
+   weights (float16) too.
+3. The model runner's `execute_model` is wrapped (outside the compiled graph): after each real
+   step it reads the first `total_num_scheduled_tokens` rows of every layer buffer and appends them
+   to host-side int16 chunks together with, for each row, the vLLM request id and token position.
+   Rows are laid out as the model runner builds its input batch: requests in
+   `input_batch.req_ids` order, each request's scheduled tokens contiguous, positions starting at
+   the request's `num_computed_tokens` (taken from the scheduler output). A token is prefill iff
+   its position is < the request's prompt length. Dummy / profile / warm-up forwards never pass
+   through `execute_model`, and recording only starts when the driver calls
+   `moeplace_capture_start` after engine init.
+4. The driver pulls the chunks with `LLM.collective_rpc("moeplace_capture_drain")` through
+   `CaptureWorkerExtension` (passed as `worker_extension_cls`).
+
+Memory: the in-graph buffers are fixed, L x max_num_batched_tokens x K x 2 bytes (x 2 more with
+weights); the host side grows only with tokens x L x K (int16, + float16 weights) plus 8 bytes of
+(request, position) per token.
+
+Heavy imports (vllm, torch) only inside functions: this module is imported by the plugin loader of
+every vLLM process and by the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ENV_FLAG = "VLLM_MOEPLACE_CAPTURE"
+"""Set to "1" to request capture; every other value (or absence) makes `register()` a no-op."""
+
+CONFIG_KEY = "moeplace_capture"
+"""`additional_config` key with the capture options ({"weights": bool}). Being in the config it is
+part of vLLM's compile-cache hash, so a graph compiled with capture is never reused without it."""
+
+CAPTURE_ABI = 1
+"""Bumped whenever the in-graph callbacks change, so stale compiled graphs are never reused."""
+
+EXTENSION_CLS = "vllm_moeplace.profiling.capture.CaptureWorkerExtension"
+
+_PATCH_MARK = "_moeplace_capture_wrapped"
+
+
+def capture_requested() -> bool:
+    return os.environ.get(ENV_FLAG, "") == "1"
+
+
+def register() -> None:
+    """vLLM general-plugin entry point. No-op unless capture is requested; safe to call twice."""
+    if not capture_requested():
+        return
+    from vllm.v1.worker import gpu_worker  # CPUWorker subclasses this Worker
+
+    worker_cls = gpu_worker.Worker
+    original = worker_cls.load_model
+    if getattr(original, _PATCH_MARK, False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        install(self)
+        return result
+
+    setattr(load_model, _PATCH_MARK, True)
+    load_model.__wrapped__ = original  # type: ignore[attr-defined]
+    load_model.__doc__ = original.__doc__
+    worker_cls.load_model = load_model
+
+
+# ---- in-graph callbacks ----------------------------------------------------------------------
+
+
+class _CopyIds:
+    """capture_fn of one MoE layer: rows [0, n) of `buf` <- topk_ids (int32 -> int16).
+
+    A plain object with one tensor attribute so torch.compile sees a single in-place copy into a
+    graph input; nothing else happens here (no Python state changes, no host sync)."""
+
+    def __init__(self, buf) -> None:
+        self.buf = buf  # int16 [max_tokens, K]
+
+    def __call__(self, topk_ids) -> None:
+        self.buf[: topk_ids.shape[0]].copy_(topk_ids)
+
+
+class _CopyWeights:
+    """Wraps a router's `_compute_routing` to also copy the top-k weights (float16)."""
+
+    def __init__(self, compute, buf) -> None:
+        self.compute = compute
+        self.buf = buf  # float16 [max_tokens, K]
+
+    def __call__(self, hidden_states, router_logits, indices_type, **kwargs):
+        topk_weights, topk_ids = self.compute(hidden_states, router_logits, indices_type, **kwargs)
+        self.buf[: topk_weights.shape[0]].copy_(topk_weights)
+        return topk_weights, topk_ids
+
+
+# ---- per-worker state --------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    ids: np.ndarray  # int16 [n, L, K]
+    weights: np.ndarray | None  # float16 [n, L, K]
+    req_index: np.ndarray  # int32 [n], index into _CaptureState.req_names
+    positions: np.ndarray  # int32 [n]
+    is_prefill: np.ndarray  # bool [n]
+
+
+@dataclass
+class _CaptureState:
+    layer_ids: list[int]
+    top_k: int
+    num_experts: int
+    max_tokens: int
+    ids_bufs: list  # per layer int16 [max_tokens, K]
+    weight_bufs: list | None
+    phys_to_log: dict[int, np.ndarray] | None = None  # decoder layer -> [E] (a placement plan is active)
+    armed: bool = False
+    chunks: list[_Chunk] = field(default_factory=list)
+    req_names: list[str] = field(default_factory=list)
+    req_lookup: dict[str, int] = field(default_factory=dict)
+    prompt_lens: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "layer_ids": list(self.layer_ids),
+            "top_k": self.top_k,
+            "num_experts": self.num_experts,
+            "max_tokens": self.max_tokens,
+            "weights": self.weight_bufs is not None,
+            "ids_remapped_by_plan": sorted(self.phys_to_log) if self.phys_to_log else [],
+            "buffer_bytes": int(sum(b.numel() * b.element_size() for b in self.ids_bufs + (self.weight_bufs or []))),
+        }
+
+    def reset(self) -> None:
+        self.chunks.clear()
+        self.req_names.clear()
+        self.req_lookup.clear()
+        self.steps = 0
+
+    def _req(self, name: str) -> int:
+        i = self.req_lookup.get(name)
+        if i is None:
+            i = self.req_lookup[name] = len(self.req_names)
+            self.req_names.append(name)
+        return i
+
+    def record_step(self, runner, scheduler_output) -> None:
+        """Copy this step's buffer rows out and label each with (request, position, prefill)."""
+        import torch
+
+        total = int(scheduler_output.total_num_scheduled_tokens)
+        for new in scheduler_output.scheduled_new_reqs:
+            n_prompt = len(new.prompt_token_ids) if new.prompt_token_ids is not None else None
+            if n_prompt is None:  # prompt embeddings: the runner's own state knows the length
+                n_prompt = int(runner.requests[new.req_id].num_prompt_tokens)
+            self.prompt_lens[new.req_id] = n_prompt
+        start: dict[str, int] = {new.req_id: int(new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        for rid, done in zip(cached.req_ids, cached.num_computed_tokens):
+            start[rid] = int(done)
+        order = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
+        counts = [int(scheduler_output.num_scheduled_tokens[rid]) for rid in order]
+        if sum(counts) != total:
+            raise RuntimeError(
+                f"moeplace capture: input batch has {sum(counts)} scheduled tokens, scheduler says {total}; "
+                "the row -> request mapping would be wrong"
+            )
+        if total > self.max_tokens:
+            raise RuntimeError(f"moeplace capture: step of {total} tokens exceeds the capture buffer ({self.max_tokens})")
+        req_index = np.empty(total, np.int32)
+        positions = np.empty(total, np.int32)
+        is_prefill = np.empty(total, np.bool_)
+        row = 0
+        for rid, n in zip(order, counts):
+            if n == 0:
+                continue
+            pos = np.arange(start[rid], start[rid] + n, dtype=np.int32)
+            req_index[row : row + n] = self._req(rid)
+            positions[row : row + n] = pos
+            is_prefill[row : row + n] = pos < self.prompt_lens[rid]
+            row += n
+        with torch.no_grad():
+            ids = torch.stack([b[:total] for b in self.ids_bufs], dim=1).numpy().copy()
+            weights = None
+            if self.weight_bufs is not None:
+                weights = torch.stack([b[:total] for b in self.weight_bufs], dim=1).numpy().copy()
+        self.chunks.append(_Chunk(ids, weights, req_index, positions, is_prefill))
+        self.steps += 1
+        for rid in scheduler_output.finished_req_ids:
+            self.prompt_lens.pop(rid, None)
+
+    def drain(self) -> dict[str, Any]:
+        """Everything recorded since the last drain, as plain arrays (then forgotten here)."""
+        L, K = len(self.layer_ids), self.top_k
+        if self.chunks:
+            out = {
+                "ids": np.concatenate([c.ids for c in self.chunks]),
+                "req_index": np.concatenate([c.req_index for c in self.chunks]),
+                "positions": np.concatenate([c.positions for c in self.chunks]),
+                "is_prefill": np.concatenate([c.is_prefill for c in self.chunks]),
+            }
+            if self.weight_bufs is not None:
+                out["weights"] = np.concatenate([c.weights for c in self.chunks])
+        else:
+            out = {
+                "ids": np.zeros((0, L, K), np.int16),
+                "req_index": np.zeros(0, np.int32),
+                "positions": np.zeros(0, np.int32),
+                "is_prefill": np.zeros(0, np.bool_),
+            }
+            if self.weight_bufs is not None:
+                out["weights"] = np.zeros((0, L, K), np.float16)
+        if self.phys_to_log:
+            # With a plan the router emits PHYSICAL ids (its rows were permuted at load time);
+            # the trace records LOGICAL (checkpoint) ids.
+            for li, layer in enumerate(self.layer_ids):
+                perm = self.phys_to_log.get(layer)
+                if perm is not None:
+                    out["ids"][:, li] = perm.astype(np.int16)[out["ids"][:, li]]
+        packed: dict[str, Any] = {k: pack_array(v) for k, v in out.items()}
+        packed["req_names"] = list(self.req_names)
+        packed["steps"] = self.steps
+        self.reset()
+        return packed
+
+
+def pack_array(a: np.ndarray) -> dict[str, Any]:
+    """An ndarray as plain msgpack-able values (vLLM's RPC reply path does not decode ndarrays)."""
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def unpack_array(d: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+class CaptureError(RuntimeError):
+    """The model cannot be captured (unsupported router / kernel / configuration)."""
+
+
+def _moe_runners(model) -> list:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
+
+    return [m for m in model.modules() if isinstance(m, MoERunnerInterface)]
+
+
+def install(worker) -> _CaptureState | None:
+    """Bind the capture callbacks in this worker's freshly loaded model (rank 0 only)."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    cfg = (worker.vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if not cfg:
+        return None
+    if getattr(worker, "_moeplace_capture", None) is not None:
+        return worker._moeplace_capture
+    if worker.rank != 0:
+        # Every TP/EP rank computes the same routing for every token (no all2all on this path);
+        # one copy is enough.
+        return None
+    if worker.vllm_config.speculative_config is not None:
+        raise CaptureError("moeplace capture: speculative decoding is not supported (rejected draft tokens are routed too)")
+    runner = worker.model_runner
+    model = runner.get_model()
+    moe = _moe_runners(model)
+    if not moe:
+        raise CaptureError("moeplace capture: the model has no vLLM MoE layers")
+    moe.sort(key=lambda m: m.layer_id)
+    top_k = {int(m.router.top_k) for m in moe}
+    if len(top_k) != 1:
+        raise CaptureError(f"moeplace capture: MoE layers disagree on top_k {sorted(top_k)}")
+    K = top_k.pop()
+    max_tokens = int(runner.max_num_tokens)
+    want_weights = bool(cfg.get("weights", False))
+    ids_bufs, weight_bufs = [], ([] if want_weights else None)
+    for m in moe:
+        router = m.router
+        if not isinstance(router, BaseRouter):
+            raise CaptureError(f"moeplace capture: layer {m.layer_id}: router {type(router).__name__} has no capture hook")
+        if m.is_monolithic:
+            raise CaptureError(f"moeplace capture: layer {m.layer_id}: monolithic MoE kernels route inside the kernel")
+        buf = torch.zeros(max_tokens, K, dtype=torch.int16)
+        router.set_capture_fn(_CopyIds(buf))
+        ids_bufs.append(buf)
+        if want_weights:
+            wbuf = torch.zeros(max_tokens, K, dtype=torch.float16)
+            router._compute_routing = _CopyWeights(router._compute_routing, wbuf)
+            weight_bufs.append(wbuf)
+    num_experts = int(getattr(moe[0].moe_config, "num_logical_experts", 0) or moe[0].router.global_num_experts)
+    state = _CaptureState(
+        phys_to_log=_plan_map(worker.vllm_config),
+        layer_ids=[int(m.layer_id) for m in moe],
+        top_k=K,
+        num_experts=num_experts,
+        max_tokens=max_tokens,
+        ids_bufs=ids_bufs,
+        weight_bufs=weight_bufs,
+    )
+    original = runner.execute_model
+
+    def execute_model(scheduler_output, *args, **kwargs):
+        out = original(scheduler_output, *args, **kwargs)
+        if state.armed and scheduler_output.total_num_scheduled_tokens > 0:
+            state.record_step(runner, scheduler_output)
+        return out
+
+    runner.execute_model = execute_model
+    worker._moeplace_capture = state
+    return state
+
+
+def _plan_map(vllm_config) -> dict[int, np.ndarray] | None:
+    """The serving plugin's physical -> logical expert map of the active placement plan, if any."""
+    from vllm_moeplace.serving.settings import physical_to_logical_map
+
+    return physical_to_logical_map(vllm_config)
+
+
+class CaptureWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`) for `LLM.collective_rpc` calls.
+
+    Ranks without capture (rank != 0, or capture not requested) answer None."""
+
+    def moeplace_capture_start(self) -> dict[str, Any] | None:
+        state = getattr(self, "_moeplace_capture", None)
+        if state is None:
+            return None
+        state.reset()
+        state.armed = True
+        return state.info()
+
+    def moeplace_capture_drain(self) -> dict[str, Any] | None:
+        state = getattr(self, "_moeplace_capture", None)
+        return None if state is None else state.drain()
+
+    def moeplace_capture_stop(self) -> None:
+        state = getattr(self, "_moeplace_capture", None)
+        if state is not None:
+            state.armed = False
