@@ -80,3 +80,55 @@ def unique_patterns(trace: Trace, l: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, K), dtype=np.int64), np.zeros(0, dtype=np.int64)
     pats, counts = np.unique(ids, axis=0, return_counts=True)
     return pats.astype(np.int64), counts.astype(np.int64)
+
+
+def gini(x: np.ndarray) -> float:
+    """Gini coefficient of non-negative values (0 = all equal, -> 1 = one holds everything)."""
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    n, s = x.size, x.sum()
+    if n == 0 or s == 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * s))
+
+
+def routing_summary(trace: Trace, min_expected: float = 20.0) -> dict[str, float]:
+    """Scalar routing statistics (means over layers), the quantities synthetic traces are
+    calibrated on:
+
+    - load_max_over_mean: hottest expert's load / mean expert load.
+    - load_gini: Gini coefficient of expert load.
+    - coact_top_lift: mean lift P(i,j) / (P(i) P(j)) of the E pairs with the highest lift among
+      pairs whose expected count under independence is >= `min_expected` (so lifts are not noise).
+    - coact_lift_gt2_share: share of co-activations (pairs of a token's experts) falling on pairs
+      with lift > 2, i.e. how much co-activation structure a placement can exploit.
+    - transition_topk_share: share of layer l -> l+1 transitions from an expert that go to its K
+      most frequent successors (uniform, independent routing gives about K / E).
+    """
+    T, L, K = trace.topk_ids.shape
+    E = trace.num_experts
+    load = expert_load(trace).astype(np.float64)  # [L, E]
+    mom = load.max(axis=1) / load.mean(axis=1)
+    ginis = [gini(row) for row in load]
+    iu = np.triu_indices(E, 1)
+    lifts, shares = [], []
+    for l in range(L):
+        c = coactivation(trace, l).astype(np.float64)[iu]
+        p = load[l] / T
+        expected = (p[:, None] * p[None, :])[iu] * T
+        ok = expected >= min_expected
+        lift = np.where(ok, c / np.maximum(expected, 1e-12), 0.0)
+        top = np.sort(lift[ok])[-E:] if ok.any() else np.zeros(1)
+        lifts.append(top.mean())
+        shares.append(c[(lift > 2) & ok].sum() / max(c.sum(), 1.0))
+    trans = []
+    for l in range(L - 1):
+        m = transitions(trace, l).astype(np.float64)
+        topk = np.sort(m, axis=1)[:, -K:].sum()
+        trans.append(topk / max(m.sum(), 1.0))
+    return {
+        "load_max_over_mean": float(np.mean(mom)),
+        "load_gini": float(np.mean(ginis)),
+        "coact_top_lift": float(np.mean(lifts)),
+        "coact_lift_gt2_share": float(np.mean(shares)),
+        "transition_topk_share": float(np.mean(trans)) if trans else 0.0,
+    }
