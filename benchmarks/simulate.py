@@ -48,6 +48,7 @@ class Scenario:
     model: str  # key into params.models
     topologies: tuple[tuple[int, int], ...]  # (ep_size, num_nodes)
     batches: tuple[str, ...]  # keys into params.batches
+    path: str | None = None  # a trace file (--trace); None = one of the named shared traces
 
 
 def suite(quick: bool) -> list[Scenario]:
@@ -66,15 +67,17 @@ def load_named_trace(key: str) -> Trace:
         from vllm_moeplace.profiling.importers import ImportOptions, import_trace
 
         return import_trace("orders-in-chaos", [LLAMA4_RAW], ImportOptions(num_experts=128))
-    return load_trace(key)
+    raise ValueError(f"unknown trace key {key!r}")
 
 
 def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float) -> dict[int, np.ndarray]:
     """Per-layer placement of layout `name`, fitted on `train`."""
     if name == "cpsat":
-        from vllm_moeplace.solver.pipeline import SolveOptions, solve
+        from vllm_moeplace.solver.options import SolveOptions
+        from vllm_moeplace.solver.pipeline import solve
 
-        plan = solve(train, topo, SolveOptions(time_limit=cpsat_seconds))
+        # `train` is already the training half; deterministic = the same plan whatever the load.
+        plan = solve(train, topo, SolveOptions(time_limit=cpsat_seconds, deterministic=True))
         return plan.layers
     from vllm_moeplace.solver.baselines import baseline_layers
 
@@ -91,7 +94,7 @@ def available_layouts() -> list[str]:
 
 
 def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log) -> list[Row]:
-    trace = load_named_trace(sc.key)
+    trace = load_trace(sc.path) if sc.path else load_named_trace(sc.key)
     train, test = trace.split_by_request(0.5)
     shape, hw = params.models[sc.model], params.hardware[hw_name]
     rows = []
@@ -217,30 +220,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hardware", help="hardware profile in the params file (default: its default_hardware)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="required scenarios only, shorter CP-SAT budget")
-    p.add_argument("--cpsat-seconds", type=float, help="CP-SAT time limit per solve (default 20, --quick 6)")
+    p.add_argument("--cpsat-seconds", type=float, help="solve() time limit per plan, all layers (default 13, --quick 6; deterministic mode takes ~1.8x wall time)")
     p.add_argument("--trace", help="simulate this .npz trace instead of the default suite")
     p.add_argument("--model", help="model shape (key in the params file) for --trace")
     p.add_argument("--topologies", default="8x2,16x4,32x8", help="for --trace: EPxNODES list")
     p.add_argument("--batches", default="prefill,decode", help="for --trace: batch keys in the params file")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
 
     params = load_params(args.params)
     hw_name = args.hardware or params.default_hardware
     if hw_name not in params.hardware:
         p.error(f"--hardware {hw_name!r}: not in {sorted(params.hardware)}")
-    cpsat_seconds = args.cpsat_seconds or (6.0 if args.quick else 20.0)
+    cpsat_seconds = args.cpsat_seconds or (6.0 if args.quick else 13.0)
     if args.trace:
         if not args.model:
             p.error("--trace needs --model (a key of 'models' in the params file)")
         topos = tuple(tuple(int(x) for x in t.split("x")) for t in args.topologies.split(","))
-        scenarios = [Scenario(args.trace, args.model, topos, tuple(args.batches.split(",")))]
+        scenarios = [Scenario(Path(args.trace).stem, args.model, topos, tuple(args.batches.split(",")), path=args.trace)]
         stem = "simulation_" + Path(args.trace).stem
     else:
         scenarios = suite(args.quick)
         stem = "simulation"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + argv)
     load_before = _load()
     t0 = time.perf_counter()
     rows: list[Row] = []
@@ -261,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             plot_time_vs_ep(rows, f, tr, f"{tr}: simulated MoE time per step vs EP size ({hw_name})")
             pngs.append(f.name)
     f = out / f"sim_breakdown_{stem}.png"
-    plot_breakdown([r for r in rows if r.batch.startswith("prefill") and r.ep_size // r.num_nodes == 4], f,
-                   f"dispatch / compute / combine per layout ({hw_name}), prefill batches")
+    shown = [r for r in rows if r.batch.startswith("prefill") and r.ep_size // r.num_nodes == 4]
+    shown = shown or [r for r in rows if r.batch == rows[0].batch]
+    plot_breakdown(shown, f, f"dispatch / compute / combine per layout ({hw_name}), {shown[0].batch} batches")
     pngs.append(f.name)
 
     hw = params.hardware[hw_name]
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel launch jitter; latencies and compute efficiencies are assumptions stated in the parameter file.",
         "- Batches are tokens drawn at random from the held-out requests and dealt uniformly to ranks (the metrics' "
         "assumption); real prefill batches hold whole prompts, whose tokens route alike, so real per-step skew is larger.",
-        "- The DeepSeek-V2-Lite trace is prefill only: its `decode` rows reuse prefill routing at decode batch size.",
+        *(["- The DeepSeek-V2-Lite trace is prefill only: its `decode` rows reuse prefill routing at decode batch size."] if not args.trace else []),
         "- No redundant experts anywhere here (all layouts hold E/R experts per rank).",
         "",
     ]

@@ -25,8 +25,9 @@ EP=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['ep_size'])"
 RPN=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['topology'].get('ranks_per_node', ''))" "$CURRENT_PLAN")
 [[ -n "$RPN" ]] || die "$CURRENT_PLAN has an explicit node list: pass it to moeplace solve by hand"
 
-# Check the flags with `moeplace solve --help` on your version; the plan is validated when written.
-moeplace solve "$NEW_TRACE" --ep-size "$EP" --ranks-per-node "$RPN" --train-fraction 0.5 --out "$WORK/candidate.json"
+# Plan from the first half of the fresh trace's requests; the plan is validated when written.
+moeplace solve --trace "$NEW_TRACE" --ep-size "$EP" --ranks-per-node "$RPN" --train-fraction 0.5 \
+    --time-limit "${SOLVE_SECONDS:-300}" --out "$WORK/candidate.json"
 moeplace validate --model "$MODEL" --trace "$NEW_TRACE" "$WORK/candidate.json"
 
 # Held-out comparison (second half of the fresh trace's requests), JSON for the decision below.
