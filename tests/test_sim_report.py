@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_moeplace.sim.report import Row, ratio, scenario_table
+from vllm_moeplace.sim.report import Row, ratio, scenario_table, summary_table
 from vllm_moeplace.trace import Trace, save_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ def test_table_ratios_are_against_linear():
     assert ratio([_row("greedy", 8.0, 1.5)], "greedy", "total_ms") is None  # no baseline, no ratio
     table = scenario_table(rows)
     assert "| greedy | 8.00 | -20.0% |" in table and "| linear | 10.00 | ±0.0% |" in table
+    summary = summary_table(rows + [dataclasses.replace(_row("linear", 5.0, 1.0), batch="decode")])
+    assert "| m | EP8 / 2 | prefill (4) |  | 10.00 | ±0.0% | -20.0% |" in summary
+    assert "| m | EP8 / 2 | decode (4) |  | 5.00 | ±0.0% | – |" in summary
 
 
 def _synthetic_trace(path: Path) -> None:

@@ -1,6 +1,6 @@
 """Rows of simulated results -> markdown tables and PNG plots (matplotlib, Agg backend).
 
-A `Row` is one (trace, topology, batch, layout) result. Tables put every layout of one scenario
+A `Row` is one (trace, topology, batch, hardware, layout) result. Tables put every layout of one scenario
 side by side, with its ratio to vLLM's default `linear` layout.
 """
 
@@ -32,10 +32,11 @@ class Row:
     node_sends: float  # placement metrics on the held-out trace (uniform origins)
     imbalance: float
     fit_seconds: float
+    hardware: str = ""
 
     @property
     def scenario(self) -> tuple:
-        return (self.trace, self.ep_size, self.num_nodes, self.batch)
+        return (self.trace, self.ep_size, self.num_nodes, self.batch, self.hardware)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,23 +84,41 @@ def _pct(x: float | None) -> str:
 
 def all_tables(rows: list[Row]) -> str:
     parts = []
-    for (trace, ep, nodes, batch), rs in _by_scenario(rows).items():
+    for (trace, ep, nodes, batch, hw), rs in _by_scenario(rows).items():
         r0 = rs[0]
         parts.append(
             f"#### {r0.model} ({trace}), EP{ep} over {nodes} node(s) ({ep // nodes} GPUs/node), "
-            f"{batch} batch: {r0.tokens_per_rank} tokens/rank\n\n" + scenario_table(rs)
+            f"{batch} batch: {r0.tokens_per_rank} tokens/rank, hardware `{hw}`\n\n" + scenario_table(rs)
         )
     return "\n".join(parts)
 
 
-def plot_time_vs_ep(rows: list[Row], path: Path, trace: str, title: str) -> None:
+def summary_table(rows: list[Row]) -> str:
+    """One line per scenario: linear's step time, then every layout's change against it."""
+    layouts = list(dict.fromkeys(r.layout for r in rows))
+    head = "| model | EP / nodes | batch (tokens/rank) | hardware | linear (ms) | " + " | ".join(layouts) + " |\n"
+    head += "|---|---|---|---|---:|" + "---:|" * len(layouts) + "\n"
+    lines = []
+    for (trace, ep, nodes, batch, hw), rs in _by_scenario(rows).items():
+        by = {r.layout: r for r in rs}
+        lin = by.get(BASELINE)
+        cells = [_pct(ratio(rs, name, "total_ms")) if name in by else "–" for name in layouts]
+        lines.append(
+            f"| {rs[0].model} | EP{ep} / {nodes} | {batch} ({rs[0].tokens_per_rank}) | {hw} | "
+            f"{lin.total_ms:.2f} | " if lin else f"| {rs[0].model} | EP{ep} / {nodes} | {batch} | {hw} | – | "
+        )
+        lines[-1] += " | ".join(cells) + " |"
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_time_vs_ep(rows: list[Row], path: Path, trace: str, title: str, hardware: str) -> None:
     """Step time vs EP size, one panel per batch kind, one line per layout and GPUs-per-node."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.trace == trace]
+    rows = [r for r in rows if r.trace == trace and r.hardware == hardware]
     batches = sorted({r.batch for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
     styles = {4: "-", 8: "--", 2: ":", 1: "-."}
@@ -135,7 +154,7 @@ def plot_breakdown(rows: list[Row], path: Path, title: str) -> None:
     groups = _by_scenario(rows)
     n = len(groups)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 4), squeeze=False)
-    for ax, ((trace, ep, nodes, batch), rs) in zip(axes[0], groups.items()):
+    for ax, ((trace, ep, nodes, batch, hw), rs) in zip(axes[0], groups.items()):
         names = [r.layout for r in rs]
         d = [r.dispatch_ms for r in rs]
         c = [r.compute_ms for r in rs]
