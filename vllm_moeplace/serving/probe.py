@@ -1,0 +1,72 @@
+"""Run the offline vLLM engine once and dump what tests and benchmarks compare, as JSON:
+greedy token ids for a fixed prompt set, and what every rank holds (worker_ext.py).
+
+    python -m vllm_moeplace.serving.probe --model DIR --tp 2 --plan plan.json --out run.json
+
+A separate process per run: vLLM spawns workers, and two engines never share a process here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+# Token-id prompts: no tokenizer behaviour in the comparison, only the model.
+DEFAULT_PROMPTS = [[5 + i, 17, 33 + 3 * i, 80, 9 + i, 200 - i] for i in range(4)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    from vllm import LLM, SamplingParams
+
+    extra: dict = {}
+    if args.plan:
+        extra["moe_placement_plan"] = args.plan
+    if args.cpu_ep_fix:
+        extra["moe_cpu_ep_fix"] = True
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        tensor_parallel_size=args.tp,
+        enable_expert_parallel=args.tp > 1 and not args.no_ep,
+        dtype="float32",
+        enforce_eager=not args.compile,
+        additional_config=extra,
+        max_model_len=256,
+        max_num_seqs=8,
+        seed=0,
+        worker_extension_cls="vllm_moeplace.serving.worker_ext.MoePlaceWorkerExtension",
+    )
+    init_s = time.perf_counter() - t0
+    prompts = [{"prompt_token_ids": p} for p in json.loads(args.prompts)] if args.prompts else [
+        {"prompt_token_ids": p} for p in DEFAULT_PROMPTS
+    ]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)
+    ranks = llm.collective_rpc("moeplace_inspect") if not args.no_inspect else []
+    return {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "ranks": ranks,
+        "init_seconds": init_s,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m vllm_moeplace.serving.probe")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--no-ep", action="store_true", help="TP>1 without expert parallelism")
+    p.add_argument("--plan", default=None)
+    p.add_argument("--cpu-ep-fix", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile on (default: eager)")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--prompts", default=None, help="JSON list of token-id lists")
+    p.add_argument("--no-inspect", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    result = run(args)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
