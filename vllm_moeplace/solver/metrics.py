@@ -103,20 +103,24 @@ def _holds(a: np.ndarray, E: int) -> np.ndarray:
     return h
 
 
+def node_default_hosts(holds: np.ndarray, topology: Topology) -> np.ndarray:
+    """int [N, E]: the rank serving e for an origin on node n that holds no copy itself: the
+    lowest-numbered rank on n holding e, else the lowest-numbered rank holding e."""
+    lowest_global = np.argmax(holds, axis=0)  # first True = lowest-numbered holder
+    D = np.empty((topology.num_nodes, holds.shape[1]), dtype=np.int64)
+    for n, ranks in enumerate(topology.nodes):
+        ranks = np.sort(np.asarray(ranks, dtype=np.int64))
+        sub = holds[ranks]  # [g, E]
+        D[n] = np.where(sub.any(axis=0), ranks[np.argmax(sub, axis=0)], lowest_global)
+    return D
+
+
 def host_map(a: np.ndarray, topology: Topology, E: int) -> np.ndarray:
     """int [R, E]: host(o, e), the rank that serves expert e for a token originating on rank o."""
     holds = _holds(a, E)  # [R, E]
-    R = topology.ep_size
-    lowest_global = np.argmax(holds, axis=0)  # first True = lowest-numbered holder
-    H = np.empty((R, E), dtype=np.int64)
-    for ranks in topology.nodes:
-        ranks = np.sort(np.asarray(ranks, dtype=np.int64))
-        sub = holds[ranks]  # [g, E]
-        on_node = sub.any(axis=0)
-        lowest_on_node = ranks[np.argmax(sub, axis=0)]
-        default = np.where(on_node, lowest_on_node, lowest_global)  # [E]
-        H[ranks] = np.where(sub, ranks[:, None], default[None, :])
-    return H
+    D = node_default_hosts(holds, topology)
+    ranks = np.arange(topology.ep_size)
+    return np.where(holds, ranks[:, None], D[topology.node_of_rank])
 
 
 # ---- fast implementation -----------------------------------------------------------------------
@@ -175,23 +179,36 @@ def evaluate_layers(layers: dict[int, np.ndarray], topology: Topology, trace: Tr
             hc[li] = mean_cost_to[node_of_rank[hosts]].sum(axis=1).mean()
             members = members[None]  # one origin group
         else:
-            members = np.zeros((R, T, N), dtype=bool)
+            # With copies, host(o, e) depends on o only through o's node, except that o's own
+            # copies are local: node-level metrics are computed once per node (weight g_n / R),
+            # rank_sends per origin from the node's default hosts with o's own experts removed.
+            holds = _holds(a, E)
+            D = node_default_hosts(holds, topology)  # [N, E]
+            members = np.zeros((N, T, N), dtype=bool)
             r_acc = n_acc = h_acc = 0.0
-            for o in range(R):
-                hosts = np.sort(H[o][ids], axis=1)
-                first = _distinct_mask(hosts)
-                r_acc += (first & (hosts != o)).sum(axis=1).mean()
+            for n, ranks in enumerate(topology.nodes):
+                w = len(ranks) / R
+                key = np.sort(D[n][ids] * E + ids, axis=1)  # token's experts grouped by default host
+                hosts, es = key // E, key % E  # [T, K], hosts sorted per row
                 nodes = node_of_rank[hosts]
-                members[o] = _node_membership(nodes, N)
-                on = node_of_rank[o]
-                n_acc += members[o].sum(axis=1).mean() - members[o][:, on].mean()
-                h_acc += cost[on][nodes].sum(axis=1).mean()
-            rs[li], ns[li], hc[li] = r_acc / R, n_acc / R, h_acc / R
+                members[n] = _node_membership(nodes, N)
+                n_acc += w * (members[n].sum(axis=1).mean() - members[n][:, n].mean())
+                h_acc += w * cost[n][nodes].sum(axis=1).mean()
+                # Groups = (token, distinct default host). Origin o messages a group's host unless
+                # o holds every expert of the group itself; count those fully-held groups sparsely.
+                gid = np.cumsum(_distinct_mask(hosts).ravel()) - 1  # [T*K] group of each slot
+                num_groups = int(gid[-1]) + 1
+                size = np.bincount(gid, minlength=num_groups)
+                g = len(ranks)
+                oi, pos = np.nonzero(holds[np.asarray(ranks)][:, es.ravel()])  # slots local to origin oi
+                held = np.bincount(oi * num_groups + gid[pos], minlength=g * num_groups).reshape(g, num_groups)
+                r_acc += (g * num_groups - int((held == size[None, :]).sum())) / T / R
+            rs[li], ns[li], hc[li] = r_acc, n_acc, h_acc
         if li > 0:
             assert prev_members is not None
-            # Broadcast over origins: a layer without redundancy has a single origin group.
-            newly = members & ~prev_members  # [O, T, N]
-            inter[li - 1] = newly.sum(axis=2).mean()
+            # Origin groups: one (no copies) or one per node (weight g_n / R); broadcasting pairs them.
+            newly = (members & ~prev_members).sum(axis=2).mean(axis=1)  # [1 or N]
+            inter[li - 1] = newly[0] if newly.size == 1 else newly @ (topology.ranks_per_node / R)
         prev_members = members
     return Metrics(
         node_sends=float(ns.mean()),
