@@ -28,7 +28,7 @@ from vllm_moeplace.solver.metrics import METRIC_NAMES, Metrics, check_plan_fits_
 from vllm_moeplace.solver.topology_file import describe, resolve_topology
 from vllm_moeplace.trace import Trace, load_trace
 
-DEFAULT_BASELINES = ("linear", "round_robin", "eplb", "greedy")
+DEFAULT_BASELINES = ("linear", "round_robin", "eplb", "eplb_global", "greedy")
 SHORT = {"node_sends": "node_sends", "rank_sends": "rank_sends", "hop_cost": "hop_cost",
          "imbalance": "imbalance", "inter_layer_node_sends": "inter_layer"}
 
