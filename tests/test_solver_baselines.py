@@ -98,16 +98,17 @@ def test_every_baseline_plan_is_valid(shape, red, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**31), st.integers(0, 2))
-def test_eplb_never_worse_than_linear_on_training_imbalance(seed, red):
+@given(st.integers(0, 2**31))
+def test_eplb_at_least_as_balanced_as_linear_in_sample(seed):
+    """With two slots per rank, balanced packing pairs the i-th heaviest with the i-th lightest,
+    which minimises the heaviest pair: no layout (linear included) is better balanced, in sample.
+    Hierarchical EPLB keeps linear's node composition and does this inside each 2-rank node."""
     tr = random_trace(200, 2, 16, 2, seed)
     topo = Topology.uniform(8, 2)
-    lin = evaluate_layers(baseline_layers("linear", tr, topo, 0), topo, tr).imbalance
+    lin = evaluate_layers(baseline_layers("linear", tr, topo, 0), topo, tr).imbalance_per_layer
     for name in ("eplb", "eplb_global"):
-        m = evaluate_layers(baseline_layers(name, tr, topo, red), topo, tr)
-        # LPT over the same items is at least as balanced as any fixed layout only up to the
-        # 4/3 factor in theory; in practice on skewed loads it must not lose to linear by much.
-        assert m.imbalance <= lin * 1.05 + 1e-9
+        m = evaluate_layers(baseline_layers(name, tr, topo, 0), topo, tr)
+        assert np.all(m.imbalance_per_layer <= lin + 1e-9), name
 
 
 def test_eplb_redundancy_replicates_the_hottest_expert():

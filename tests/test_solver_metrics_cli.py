@@ -90,3 +90,18 @@ def test_mismatch_is_one_line_naming_the_value(files, tmp_path, capsys, experts,
 def test_needs_plan_or_topology(files, capsys):
     assert main(["evaluate", "--trace", str(files["trace"])]) == 2
     assert "--ep-size" in capsys.readouterr().err
+
+
+def test_baselines_follow_the_plans_redundancy(files, tmp_path, capsys):
+    plan = tmp_path / "red.json"
+    assert main(["baseline", "--trace", str(files["trace"]), "--ep-size", "8", "--ranks-per-node", "1", "--method",
+                 "eplb_global", "--redundant-per-rank", "1", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--plan", str(plan), "--trace", str(files["trace"]), "--baselines", "linear,eplb,eplb_global",
+                 "--json"]) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    # hierarchical EPLB cannot place copies on one-rank nodes: skipped with a note, not a crash
+    assert list(out) == [str(plan), "linear", "eplb_global"] and "baseline eplb skipped" in cap.err
+    # the eplb_global baseline at the plan's redundancy is the same layout as the plan itself
+    assert out["eplb_global"]["held_out"] == out[str(plan)]["held_out"]
