@@ -107,3 +107,24 @@ def test_star_bound_is_below_the_optimum(seed):
     # Both bounds the pipeline takes the max of must hold.
     assert lb <= opt + 1e-9
     assert inst.total <= opt + 1e-9
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_cpsat_with_fixed_experts_matches_enumeration(seed):
+    """Free-subset neighbourhood: only `free` move; the result is the best over those moves."""
+    inst = random_instance(seed, E=9, K=3, T=60)
+    w = np.array([2.0, 1.0, 3.0])
+    a = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    free = np.array([1, 2, 4, 5, 7])
+    best = np.inf
+    for labels in itertools.product([0, 1, 2], repeat=len(free)):
+        b = a.copy()
+        b[free] = labels
+        if (np.bincount(b, minlength=3) == 3).all():
+            best = min(best, inst.cost(b, w))
+    search = SwapSearch(inst, a, w)
+    reoptimise_units(search, [0, 1, 2], time_limit=5.0, deterministic=True, free=free)
+    assert np.isclose(search.cost(), best)
+    fixed = np.setdiff1d(np.arange(9), free)
+    assert np.array_equal(search.a[fixed], a[fixed])
