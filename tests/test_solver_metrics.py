@@ -227,3 +227,33 @@ def test_real_trace_reproduces_anchor_layouts(dsv2_trace_path):
             m = evaluate_layers(layouts[name], topo, test)
             assert m.node_sends == pytest.approx(ns, rel=0.005), (R, name)
             assert m.imbalance == pytest.approx(imb, rel=0.005), (R, name)
+
+
+@settings(max_examples=30, deadline=None)
+@given(instances())
+def test_stats_agree_with_loops(inst):
+    _, _, tr = inst
+    T, L, K = tr.topk_ids.shape
+    E = tr.num_experts
+    for l in range(L):
+        c = np.zeros((E, E), dtype=np.int64)
+        for t in range(T):
+            for i in tr.topk_ids[t, l].tolist():
+                for j in tr.topk_ids[t, l].tolist():
+                    c[i, j] += 1
+        assert np.array_equal(stats.coactivation(tr, l), c)
+        pats, counts = stats.unique_patterns(tr, l)
+        want: dict[tuple, int] = {}
+        for t in range(T):
+            key = tuple(sorted(tr.topk_ids[t, l].tolist()))
+            want[key] = want.get(key, 0) + 1
+        assert {tuple(p): int(n) for p, n in zip(pats.tolist(), counts)} == want
+        assert pats.tolist() == sorted(pats.tolist())
+        if l + 1 < L:
+            m = np.zeros((E, E), dtype=np.int64)
+            for t in range(T):
+                for i in tr.topk_ids[t, l].tolist():
+                    for j in tr.topk_ids[t, l + 1].tolist():
+                        m[i, j] += 1
+            assert np.array_equal(stats.transitions(tr, l), m)
+    assert np.array_equal(stats.expert_load(tr), np.stack([stats.coactivation(tr, l).diagonal() for l in range(L)]))
