@@ -35,6 +35,7 @@ class SwapSearch:
         linear: np.ndarray | None = None,
         pattern_weight: np.ndarray | None = None,
         unit_group: np.ndarray | None = None,
+        load: np.ndarray | None = None,
     ):
         self.inst = inst
         self.U = len(unit_weight)
@@ -44,7 +45,8 @@ class SwapSearch:
         base = w[None, :] if pattern_weight is None else pattern_weight
         self.CW = inst.counts[:, None] * np.broadcast_to(base, (inst.num_patterns, self.U))
         self.lin = np.zeros((inst.num_experts, self.U)) if linear is None else np.asarray(linear, dtype=np.float64)
-        self.load = inst.expert_load()
+        # The load the caps are about (per-copy share when experts get redundant copies).
+        self.load = inst.expert_load() if load is None else np.asarray(load, dtype=np.float64)
         self.cap = np.full(self.U, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
         self.cnt = inst.unit_counts(self.a, self.U)
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)

@@ -29,11 +29,17 @@ def copy_counts(load: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
     return copies
 
 
-def add_replicas(layout: np.ndarray, load: np.ndarray, topology: Topology, extra_per_rank: int) -> np.ndarray:
-    """int64 [R, S + extra_per_rank]: `layout` (each expert once) plus redundant copies."""
+def add_replicas(
+    layout: np.ndarray, load: np.ndarray, topology: Topology, extra_per_rank: int, copies: np.ndarray | None = None
+) -> np.ndarray:
+    """int64 [R, S + extra_per_rank]: `layout` (each expert once) plus redundant copies.
+
+    `copies` (Step 1's counts) may be given when the primaries were already balanced for them.
+    """
     R, S = layout.shape
     E = len(load)
-    copies = copy_counts(load, R * extra_per_rank, R)
+    if copies is None:
+        copies = copy_counts(load, R * extra_per_rank, R)
     per = load / copies
     hosts = [set() for _ in range(E)]
     primary_rank = np.zeros(E, dtype=np.int64)
@@ -54,13 +60,34 @@ def add_replicas(layout: np.ndarray, load: np.ndarray, topology: Topology, extra
             k = (rank_load[r], int(node_of[r]) in host_nodes, r < primary_rank[e], r)
             if key is None or k < key:
                 best, key = r, k
-        if best < 0:  # every free slot is on a rank that holds e: move a lighter copy away
-            raise ValueError(f"add_replicas: no rank can take another copy of expert {e}")
+        if best < 0:  # every free slot is on a rank that holds e: make room by relocating a copy
+            best = _make_room(int(e), extra, hosts, extra_per_rank, rank_load, per)
         extra[best].append(int(e))
         hosts[e].add(best)
         rank_load[best] += per[e]
     _improve_extra(extra, layout, per, rank_load)
     return np.concatenate([layout, np.array(extra, dtype=np.int64).reshape(R, extra_per_rank)], axis=1)
+
+
+def _make_room(e: int, extra: list[list[int]], hosts: list[set], cap: int, rank_load: np.ndarray, per: np.ndarray) -> int:
+    """A rank r without e whose extra copy f can move to a rank r2 that has a free slot and no f;
+    moves f and returns r (now with a free slot for e)."""
+    R = len(extra)
+    free = [r2 for r2 in range(R) if len(extra[r2]) < cap]
+    for r in np.argsort(rank_load, kind="stable").tolist():
+        if r in hosts[e]:
+            continue
+        for i, f in enumerate(extra[r]):
+            r2 = next((q for q in free if q not in hosts[f]), None)
+            if r2 is not None:
+                extra[r].pop(i)
+                hosts[f].discard(r)
+                extra[r2].append(f)
+                hosts[f].add(r2)
+                rank_load[r] -= per[f]
+                rank_load[r2] += per[f]
+                return int(r)
+    raise ValueError(f"add_replicas: no rank can take another copy of expert {e}")
 
 
 def _improve_extra(extra: list[list[int]], layout: np.ndarray, per: np.ndarray, rank_load: np.ndarray) -> None:
@@ -91,3 +118,44 @@ def _improve_extra(extra: list[list[int]], layout: np.ndarray, per: np.ndarray, 
         held[r].add(e)
         rank_load[hi] -= d
         rank_load[r] += d
+
+
+def rebalance(layout: np.ndarray, load: np.ndarray, topology: Topology, max_iters: int = 2000) -> np.ndarray:
+    """Swap copies between ranks while the most-loaded rank gets lighter (copies split loads
+    evenly, so any copy may move). Swaps inside a node are preferred: across nodes they can
+    change which node a token's expert is fetched from."""
+    a = layout.copy()
+    R, S = a.shape
+    holds = [set(map(int, a[r])) for r in range(R)]
+    copies = np.bincount(a.ravel(), minlength=len(load))
+    per = load / np.maximum(copies, 1)
+    rl = per[a].sum(axis=1)
+    node = topology.node_of_rank
+    for _ in range(max_iters):
+        hi = int(np.argmax(rl))
+        best = None
+        for i in range(S):
+            e = int(a[hi, i])
+            d = per[e] - per[a]  # [R, S]: load hi loses if e <-> a[r, j]
+            new_max = np.maximum(rl[hi] - d, rl[:, None] + d)
+            ok = (d > 1e-12) & (new_max < rl[hi] - 1e-9)
+            ok[hi] = False
+            for r, j in zip(*np.nonzero(ok)):
+                f = int(a[r, j])
+                if e in holds[r] or f in holds[hi]:
+                    continue
+                key = (node[r] != node[hi], float(new_max[r, j]))
+                if best is None or key < best[0]:
+                    best = (key, i, int(r), int(j), e, f)
+        if best is None:
+            break
+        _, i, r, j, e, f = best
+        a[hi, i], a[r, j] = f, e
+        holds[hi].discard(e)
+        holds[hi].add(f)
+        holds[r].discard(f)
+        holds[r].add(e)
+        dd = per[e] - per[f]
+        rl[hi] -= dd
+        rl[r] += dd
+    return a

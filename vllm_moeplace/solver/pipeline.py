@@ -34,7 +34,7 @@ from vllm_moeplace.solver.cpsat_bound import star_lower_bound
 from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
 from vllm_moeplace.solver.cpsat_local import SwapSearch
 from vllm_moeplace.solver.cpsat_model import reoptimise_units
-from vllm_moeplace.solver.cpsat_redundancy import add_replicas
+from vllm_moeplace.solver.cpsat_redundancy import add_replicas, copy_counts, rebalance
 from vllm_moeplace.solver.greedy import grow_groups, lpt_partition
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.trace import Trace
@@ -73,12 +73,15 @@ def solve(
     check_instance(E, topology, options)
     train = trace if options.train_fraction >= 1.0 else trace.split_by_request(options.train_fraction)[0]
     L = train.num_layers
-    per_layer = options.time_limit / L
     rng = np.random.default_rng(options.seed)
     layers: dict[int, np.ndarray] = {}
     results: list[LayerResult] = []
     prev_nodes: np.ndarray | None = None
     for l in range(L):
+        # What is left of the budget, shared by the remaining layers; 8% is kept for the fixed
+        # per-layer work (patterns, bound, ranks) so the whole solve stays inside --time-limit.
+        left = t0 + 0.92 * options.time_limit - time.monotonic()
+        per_layer = options.time_limit / L if options.deterministic else max(0.05, left / (L - l))
         res = _solve_layer(train, l, topology, options, per_layer, rng, prev_nodes)
         layers[int(train.layer_ids[l])] = res.layout
         results.append(res)
@@ -150,6 +153,12 @@ def _solve_layer(
     sizes = g * s
     base = LayerInstance.from_trace(train, l)
     load = base.expert_load()
+    copies = None
+    if opt.redundant_per_rank:
+        # Decide the copy counts first and balance the primaries on their per-copy share: the
+        # extra copies then fill the lightest ranks (Step 3) instead of fighting a hot primary.
+        copies = copy_counts(load, R * opt.redundant_per_rank, R)
+    bal = load if copies is None else load / copies
     _check_balance(load, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
     inst, pweight = base, None
     w = node_weights(g, R)
@@ -162,9 +171,9 @@ def _solve_layer(
         lin = load[:, None] * h[None, :]
         w = w * 1e-3
         pweight = None if pweight is None else pweight * 1e-3
-    cap = sizes / E * load.sum() * opt.max_imbalance
-    start = grow_groups(stats.coactivation(train, l), load, sizes, cap)
-    search = SwapSearch(inst, start, w, cap, linear=lin, pattern_weight=pweight)
+    cap = sizes / E * bal.sum() * opt.max_imbalance
+    start = grow_groups(stats.coactivation(train, l), bal, sizes, cap)
+    search = SwapSearch(inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal)
     deadline = time.monotonic() + budget
     det = opt.deterministic
     search.repair(np.inf if det else deadline)
@@ -172,9 +181,14 @@ def _solve_layer(
     start_obj = search.cost()
     calls, improved, status = _improve(search, topology.num_nodes, opt, budget, deadline, rng)
     node_assign = search.a
-    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, load, opt)
+    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, bal, opt)
     if opt.redundant_per_rank:
-        layout = add_replicas(layout, load, topology, opt.redundant_per_rank)
+        layout = add_replicas(layout, load, topology, opt.redundant_per_rank, copies)
+        layout = rebalance(layout, load, topology)
+        holds = np.zeros((R, E))
+        holds[np.repeat(np.arange(R), layout.shape[1]), layout.ravel()] = 1
+        rl = holds @ (load / holds.sum(axis=0))
+        rank_imb = float(rl.max() / rl.mean())
     if opt.objective == "node_sends" and prev_nodes is None:
         bound = max(float(inst.counts.sum() * w.min()), star_lower_bound(inst, int(sizes.max()), float(w.min())))
     else:
@@ -284,7 +298,7 @@ def _place_ranks(
             rank_of[layout[r]] = r
         cap = np.full(R, load.sum() / R * opt.max_imbalance)
         rw = np.full(R, float(R - 1)) if opt.objective == "rank_sends" else np.zeros(R)
-        search = SwapSearch(inst, rank_of, rw, cap, unit_group=topology.node_of_rank)
+        search = SwapSearch(inst, rank_of, rw, cap, unit_group=topology.node_of_rank, load=load)
         search.repair(time.monotonic() + 5.0)
         if opt.objective == "rank_sends":
             search.descend(time.monotonic() + 5.0)
