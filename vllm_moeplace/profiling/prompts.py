@@ -52,7 +52,9 @@ def _is_jsonl(path: Path, lines: list[str]) -> bool:
 
 def parse_prompts(text: str, src: str = "<prompts>", jsonl: bool | None = None) -> list[PromptRecord]:
     """Parse prompt-file text (see the module docstring); `jsonl=None` detects the format."""
-    lines = text.splitlines()
+    # Only "\n" ends a line (str.splitlines would also split on U+2028 etc., which JSON strings
+    # may hold raw).
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
     if jsonl is None:
         jsonl = _is_jsonl(Path(src), lines)
     out: list[PromptRecord] = []
