@@ -140,3 +140,27 @@ def test_real_trace_two_layers_beat_linear_held_out(dsv2_trace_path):
     b = evaluate_layers({l: linear_layout(64, 16) for l in plan.layers}, topo, held)
     assert m.node_sends < 0.85 * b.node_sends
     assert m.imbalance < 1.2
+
+
+def test_inter_layer_weight_lowers_the_inter_layer_metric():
+    from vllm_moeplace.solver.synth import SynthConfig, synth_trace
+
+    trace = synth_trace(SynthConfig(num_layers=3, num_experts=32, top_k=4, num_tokens=2000, seed=1))
+    topo = Topology.uniform(8, 2)
+    m = {}
+    for w in (0.0, 1.0):
+        plan = solve(trace, topo, SolveOptions(inter_layer_weight=w, max_imbalance=1.3, **FAST))
+        m[w] = evaluate_layers(plan.layers, topo, trace)
+    assert m[1.0].inter_layer_node_sends < 0.95 * m[0.0].inter_layer_node_sends
+    assert m[1.0].node_sends < 1.02 * m[0.0].node_sends  # node relabelling is free for node_sends
+
+
+def test_hop_cost_objective_uses_an_asymmetric_topology():
+    trace = synthetic(E=32, T=600, seed=4)
+    # node 0 holds half the ranks: hosting on it is cheaper on average for a uniform origin.
+    topo = Topology(8, [[0, 1, 2, 3], [4, 5], [6], [7]], None)
+    m = {
+        obj: evaluate_layers(solve(trace, topo, SolveOptions(objective=obj, max_imbalance=1.5, **FAST)).layers, topo, trace)
+        for obj in ("node_sends", "hop_cost")
+    }
+    assert m["hop_cost"].hop_cost < m["node_sends"].hop_cost

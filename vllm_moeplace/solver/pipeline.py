@@ -93,7 +93,11 @@ def solve(
     gap = (obj - bound) / obj if obj > 0 else 0.0
     calls = sum(r.cpsat_calls for r in results)
     solver: dict[str, Any] = {
-        "method": "node-partition LNS: capped co-activation greedy + exact-delta swaps + CP-SAT 2-node re-optimisation, LPT ranks",
+        "method": (
+            "expert->node partition over aggregated patterns: load-capped co-activation greedy, exact-delta swaps, "
+            "LNS alternating CP-SAT exact neighbourhoods (2 nodes x 5 / 3 nodes x 4 free experts) and kicks; "
+            "experts->ranks by LPT + in-node swaps"
+        ),
         "objective_name": options.objective,
         "objective": obj / denom,
         "best_bound": bound / denom,
@@ -178,8 +182,12 @@ def _solve_layer(
     det = opt.deterministic
     search.repair(np.inf if det else deadline)
     search.descend(np.inf if det else deadline)
+    if pweight is not None:
+        _align_nodes(search, g, cap)
     start_obj = search.cost()
     calls, improved, status = _improve(search, topology.num_nodes, opt, budget, deadline, rng)
+    if pweight is not None:
+        _align_nodes(search, g, cap)
     node_assign = search.a
     layout, rank_imb = _place_ranks(inst, node_assign, topology, s, bal, opt)
     if opt.redundant_per_rank:
@@ -266,6 +274,36 @@ def _neighbourhood(search: SwapSearch, N: int, pairs, order, k: int, rng: np.ran
         on = np.flatnonzero(search.a == u)
         free.append(rng.choice(on, min(per, len(on)), replace=False))
     return units, np.concatenate(free)
+
+
+def _align_nodes(search: SwapSearch, g: np.ndarray, cap: np.ndarray) -> None:
+    """Relabel whole expert groups among alike nodes (same size and cap) to minimise the cost.
+
+    Swaps never move a whole group, but with the inter-layer term the node a group sits on
+    matters: which nodes the token visited at the previous layer. Group n on node m costs
+    A[n, m] = Σ_p [p touches n] CW[p, m] (exact: group membership is unchanged), a linear
+    assignment problem."""
+    from ortools.graph.python import linear_sum_assignment
+
+    N = search.U
+    touch = (search.cnt > 0).astype(np.float64)  # [P, N]
+    A = touch.T @ search.CW + np.array([[search.lin[search.a == n, m].sum() for m in range(N)] for n in range(N)])
+    scale = 1000.0 / max(1.0, float(np.abs(A).max()) / 1e6)
+    lsa = linear_sum_assignment.SimpleLinearSumAssignment()
+    for n in range(N):
+        for m in range(N):
+            if g[n] == g[m] and cap[n] == cap[m]:
+                lsa.add_arc_with_cost(n, m, int(round(A[n, m] * scale)))
+    if lsa.solve() != lsa.OPTIMAL:
+        return
+    perm = np.array([lsa.right_mate(n) for n in range(N)])
+    if (perm == np.arange(N)).all():
+        return
+    before = search.cost()
+    old = search.a.copy()
+    _reset(search, perm[search.a])
+    if search.cost() > before:  # rounding could in principle mislead: keep the better one
+        _reset(search, old)
 
 
 def _kick(search: SwapSearch, rng: np.random.Generator, n: int) -> None:
