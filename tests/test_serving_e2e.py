@@ -1,0 +1,179 @@
+"""End to end on the real vLLM (CPU, TP2 + EP, float32): a permuted plan gives the same greedy
+tokens as vLLM's default layout (offline API and `vllm serve` + HTTP), every rank holds exactly
+the experts the plan assigns it, the CPU EP kernel fix makes the default layout match TP1, and
+without a plan the plugin changes nothing. Engines are shared across assertions (one per run).
+
+Run the suite under the shared lock on a shared box: `flock /tmp/moeplace-heavy.lock pytest ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_moeplace.cli.random_plan import random_plan
+from vllm_moeplace.serving.probe import DEFAULT_PROMPTS
+from vllm_moeplace.serving.worker_ext import checkpoint_fingerprints
+
+pytestmark = pytest.mark.vllm
+
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+}
+# checkpoint names of the expert weights, to fingerprint what each slot must hold
+CKPT = {
+    "qwen3_moe": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
+    "qwen2_moe": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
+}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_MOEPLACE_", "MOEPLACE_RUNTIME"))}
+    return {**env, **ENV, **extra}
+
+
+def probe(tmp: Path, name: str, model: Path, *flags: str, **env: str) -> dict:
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, "-m", "vllm_moeplace.serving.probe", "--model", str(model), "--out", str(out), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=child_env(**env))
+    assert r.returncode == 0, f"{name} failed:\n{r.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+class Setup:
+    def __init__(self, arch: str, model: Path, plan_path: Path):
+        self.arch, self.model, self.plan_path = arch, model, plan_path
+        self.plan = json.loads(plan_path.read_text())
+        self.runs: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])
+def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
+    arch = request.param
+    model = tiny_model_factory(arch=arch)
+    tmp = tmp_path_factory.mktemp(f"e2e_{arch}")
+    plan = random_plan(model, ep_size=2, seed=1)
+    plan.save(tmp / "plan.json")
+    s = Setup(arch, model, tmp / "plan.json")
+    s.runs["default_tp2"] = probe(tmp, "default_tp2", model, "--tp", "2", "--cpu-ep-fix")
+    s.runs["plan_tp2"] = probe(tmp, "plan_tp2", model, "--tp", "2", "--plan", str(s.plan_path))
+    if arch == "qwen3_moe":
+        s.runs["tp1"] = probe(tmp, "tp1", model, "--tp", "1")
+        # vLLM without our plugin: the allowlist names only a built-in plugin.
+        s.runs["tp1_noplugin"] = probe(tmp, "tp1_noplugin", model, "--tp", "1", VLLM_PLUGINS="lora_filesystem_resolver")
+    return s
+
+
+def test_plan_tokens_equal_default_layout_offline(setup):
+    plan_ids, default_ids = setup.runs["plan_tp2"]["token_ids"], setup.runs["default_tp2"]["token_ids"]
+    assert len(plan_ids) == len(DEFAULT_PROMPTS) and all(len(t) == 8 for t in plan_ids)
+    assert plan_ids == default_ids
+
+
+def test_each_rank_holds_the_planned_experts(setup):
+    block, gate_up, down = CKPT[setup.arch]
+    fps = checkpoint_fingerprints(str(setup.model), block, gate_up, down)
+    # the fingerprint must identify an expert, or this test could not fail
+    assert len({json.dumps(v) for v in fps.values()}) == len(fps)
+    ranks = {r["ep_rank"]: r for r in setup.runs["plan_tp2"]["ranks"]}
+    assert sorted(ranks) == [0, 1]
+    moved = 0
+    for layer, per_rank in setup.plan["layers"].items():
+        for r, experts in enumerate(per_rank):
+            held = ranks[r]["layers"][layer]
+            assert held["local_num_experts"] == len(experts)
+            for s, e in enumerate(experts):
+                assert held["w13"][s] == fps[(int(layer), e)]["w13"], (layer, r, s, e)
+                assert held["w2"][s] == fps[(int(layer), e)]["w2"], (layer, r, s, e)
+                moved += e != r * len(experts) + s
+    assert moved > 0  # the plan really is not the default layout
+    # and the default run holds vLLM's linear layout (same fingerprint machinery)
+    d0 = {r["ep_rank"]: r for r in setup.runs["default_tp2"]["ranks"]}[0]["layers"]["0"]
+    assert [d0["w13"][s] for s in range(4)] == [fps[(0, e)]["w13"] for e in range(4)]
+
+
+def test_plugin_active_only_with_a_request(setup):
+    for r in setup.runs["plan_tp2"]["ranks"] + setup.runs["default_tp2"]["ranks"]:
+        assert r["runtime_hooks"] and r["cpu_ep_fix"]
+    if "tp1" in setup.runs:
+        for r in setup.runs["tp1"]["ranks"]:
+            assert not r["runtime_hooks"] and not r["cpu_ep_fix"]
+
+
+def test_default_layout_with_cpu_ep_fix_matches_tp1(setup):
+    if "tp1" not in setup.runs:
+        pytest.skip("run for qwen3_moe only")
+    assert setup.runs["default_tp2"]["token_ids"] == setup.runs["tp1"]["token_ids"]
+
+
+def test_without_flag_vllm_behaves_as_without_plugin(setup):
+    if "tp1" not in setup.runs:
+        pytest.skip("run for qwen3_moe only")
+    assert setup.runs["tp1"]["token_ids"] == setup.runs["tp1_noplugin"]["token_ids"]
+    assert setup.runs["tp1_noplugin"]["ranks"][0]["layers"] == setup.runs["tp1"]["ranks"][0]["layers"]
+
+
+# ------------------------------------------------------------------------------ vllm serve + HTTP
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_vllm_serve_with_plan_over_http(setup, tmp_path):
+    """Real `vllm serve` (torch.compile ON) with the plan; greedy tokens equal the default layout's."""
+    if setup.arch != "qwen3_moe":
+        pytest.skip("one architecture is enough for the HTTP path")
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(setup.model), "--host", "127.0.0.1",
+           "--port", str(port), "--tensor-parallel-size", "2", "--enable-expert-parallel", "--dtype", "float32",
+           "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
+           "--moe-placement-plan", str(setup.plan_path)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "server did not become healthy"
+            time.sleep(1)
+        resp = post(f"http://127.0.0.1:{port}/v1/completions", {
+            "model": str(setup.model), "prompt": DEFAULT_PROMPTS, "max_tokens": 8, "temperature": 0,
+            "return_token_ids": True,
+        })
+        ids = [c["token_ids"] for c in sorted(resp["choices"], key=lambda c: c["index"])]
+        assert ids == setup.runs["default_tp2"]["token_ids"]
+        text = (tmp_path / "serve.log").read_text()
+        assert "vllm-moeplace: placed experts of 2 layers" in text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
