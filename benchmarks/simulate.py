@@ -75,15 +75,39 @@ def load_named_trace(key: str) -> Trace:
 def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float) -> dict[int, np.ndarray]:
     """Per-layer placement of layout `name`, fitted on `train`."""
     if name == "cpsat":
-        from vllm_moeplace.solver.options import SolveOptions
-        from vllm_moeplace.solver.pipeline import solve
-
-        # `train` is already the training half; deterministic = the same plan whatever the load.
-        plan = solve(train, topo, SolveOptions(time_limit=cpsat_seconds, deterministic=True))
-        return plan.layers
+        return cpsat_layers(train, topo, cpsat_seconds)  # `train` is already the training half
     from vllm_moeplace.solver.baselines import baseline_layers
 
     return baseline_layers(name, train, topo)
+
+
+def cpsat_layers(train: Trace, topo: Topology, seconds: float, default: float = 1.05) -> dict[int, np.ndarray]:
+    """`solve` with its default load bound (1.05 x mean), loosened per layer where needed.
+
+    With few experts per rank (EP32 of 64: 2 per rank) or a dominant expert (Llama-4 layers where
+    one expert takes most tokens), the hottest expert alone can exceed 1.05 x the mean rank load
+    and `solve` rightly refuses the bound. `max_imbalance` is one value for all layers, so such
+    layers are solved one at a time with 2% above that expert's share (the least any layout
+    without redundant copies can reach), each with its share of the time budget.
+    """
+    from vllm_moeplace.solver.options import SolveOptions
+    from vllm_moeplace.solver.pipeline import solve
+    from vllm_moeplace.solver.stats import expert_load
+
+    load = expert_load(train).astype(np.float64)  # [L, E]
+    hottest = load.max(axis=1) / (load.sum(axis=1) / topo.ep_size)  # [L]
+    # deterministic: the same plan whatever the machine load.
+    if (hottest * 1.02 <= default).all():
+        return solve(train, topo, SolveOptions(time_limit=seconds, deterministic=True, max_imbalance=default)).layers
+    out = {}
+    for li, lid in enumerate(train.layer_ids.tolist()):
+        one = Trace(topk_ids=train.topk_ids[:, li : li + 1, :], layer_ids=train.layer_ids[li : li + 1],
+                    request_ids=train.request_ids, is_prefill=train.is_prefill, num_experts=train.num_experts,
+                    meta=train.meta)
+        cap = float(max(default, round(hottest[li] * 1.02, 3)))
+        opts = SolveOptions(time_limit=seconds / train.num_layers, deterministic=True, max_imbalance=cap)
+        out[lid] = solve(one, topo, opts).layers[lid]
+    return out
 
 
 def available_layouts() -> list[str]:
