@@ -164,3 +164,17 @@ def test_hop_cost_objective_uses_an_asymmetric_topology():
         for obj in ("node_sends", "hop_cost")
     }
     assert m["hop_cost"].hop_cost < m["node_sends"].hop_cost
+
+
+def test_balance_folds_bound_every_fold():
+    trace = synthetic(E=32, T=800, seed=6)
+    topo = Topology.uniform(8, 2)
+    plan = solve(trace, topo, SolveOptions(max_imbalance=1.3, balance_folds=2, **FAST))
+    assert "warning" not in plan.solver
+    reqs = np.unique(trace.request_ids)
+    fold = (np.searchsorted(reqs, trace.request_ids) * 2) // len(reqs)
+    for i, (l, a) in enumerate(sorted(plan.layers.items())):
+        for f in (0, 1):
+            load = np.bincount(trace.topk_ids[fold == f, i].ravel(), minlength=32)
+            node_load = [load[a[r]].sum() for r in topo.nodes]
+            assert max(node_load) <= 1.3 * load.sum() / 4 + 1e-6

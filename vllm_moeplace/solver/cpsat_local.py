@@ -36,6 +36,8 @@ class SwapSearch:
         pattern_weight: np.ndarray | None = None,
         unit_group: np.ndarray | None = None,
         load: np.ndarray | None = None,
+        fold_loads: np.ndarray | None = None,
+        fold_caps: np.ndarray | None = None,
     ):
         self.inst = inst
         self.U = len(unit_weight)
@@ -50,6 +52,11 @@ class SwapSearch:
         self.cap = np.full(self.U, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
         self.cnt = inst.unit_counts(self.a, self.U)
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
+        # Optional extra load constraints, one per fold of the train requests: a placement
+        # balanced on every fold, not just on their sum, is less tuned to one sample's noise.
+        self.fold_loads = np.zeros((0, len(self.a))) if fold_loads is None else np.asarray(fold_loads, dtype=np.float64)
+        self.fold_caps = np.zeros((0, self.U)) if fold_caps is None else np.asarray(fold_caps, dtype=np.float64)
+        self.fold_unit = np.stack([np.bincount(self.a, weights=fl, minlength=self.U) for fl in self.fold_loads]) if len(self.fold_loads) else np.zeros((0, self.U))
         self.swaps = 0
         # Swaps only between units of the same group (ranks of one node at the rank level).
         self.group = np.zeros(self.U, dtype=np.int64) if unit_group is None else np.asarray(unit_group)
@@ -59,7 +66,12 @@ class SwapSearch:
         return float(((self.cnt > 0) * self.CW).sum() + self.lin[np.arange(len(self.a)), self.a].sum())
 
     def overflow(self) -> float:
-        return float(np.maximum(self.unit_load - self.cap, 0).sum())
+        return float(np.maximum(self.unit_load - self.cap, 0).sum() + np.maximum(self.fold_unit - self.fold_caps, 0).sum())
+
+    def refresh_loads(self) -> None:
+        self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
+        for i, fl in enumerate(self.fold_loads):
+            self.fold_unit[i] = np.bincount(self.a, weights=fl, minlength=self.U)
 
     def move_deltas(self) -> np.ndarray:
         """float [E, U]: cost change of moving expert e alone to unit u (0 on its own unit)."""
@@ -102,6 +114,10 @@ class SwapSearch:
         dl = self.load[f] - self.load[e]
         self.unit_load[ua] += dl
         self.unit_load[ub] -= dl
+        if len(self.fold_loads):
+            fd = self.fold_loads[:, f] - self.fold_loads[:, e]
+            self.fold_unit[:, ua] += fd
+            self.fold_unit[:, ub] -= fd
         self.swaps += 1
 
     def _load_ok(self, e: int, f: int) -> bool:
@@ -111,7 +127,14 @@ class SwapSearch:
         # A unit may exceed its cap only if it already did and the swap does not make it worse.
         ok_a = na <= self.cap[ua] + _EPS or na <= self.unit_load[ua] + _EPS
         ok_b = nb <= self.cap[ub] + _EPS or nb <= self.unit_load[ub] + _EPS
-        return bool(ok_a and ok_b)
+        if not (ok_a and ok_b):
+            return False
+        for i in range(len(self.fold_loads)):
+            fd = self.fold_loads[i, f] - self.fold_loads[i, e]
+            fa, fb, ca, cb = self.fold_unit[i, ua] + fd, self.fold_unit[i, ub] - fd, self.fold_caps[i, ua], self.fold_caps[i, ub]
+            if not ((fa <= ca + _EPS or fa <= self.fold_unit[i, ua] + _EPS) and (fb <= cb + _EPS or fb <= self.fold_unit[i, ub] + _EPS)):
+                return False
+        return True
 
     # ---- searches ------------------------------------------------------------------------------
     def repair(self, deadline: float) -> None:
@@ -125,6 +148,11 @@ class SwapSearch:
             nb = self.unit_load[ub] - dl
             over_now = np.maximum(self.unit_load[ua] - self.cap[ua], 0) + np.maximum(self.unit_load[ub] - self.cap[ub], 0)
             over_new = np.maximum(na - self.cap[ua], 0) + np.maximum(nb - self.cap[ub], 0)
+            for i, fl in enumerate(self.fold_loads):
+                fu, fc = self.fold_unit[i], self.fold_caps[i]
+                fdl = fl[None, :] - fl[:, None]
+                over_now = over_now + np.maximum(fu[ua] - fc[ua], 0) + np.maximum(fu[ub] - fc[ub], 0)
+                over_new = over_new + np.maximum(fu[ua] + fdl - fc[ua], 0) + np.maximum(fu[ub] - fdl - fc[ub], 0)
             gain = over_now - over_new
             gain[(ua == ub) | (self.group[ua] != self.group[ub])] = -np.inf
             best = gain.max()

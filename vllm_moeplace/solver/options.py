@@ -26,6 +26,9 @@ class SolveOptions(BaseModel):
     """Total wall-clock budget of the search, split evenly over the layers."""
     train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     """Plan from the first fraction of requests; the rest is held out for the report."""
+    balance_folds: int = Field(default=1, ge=1, le=8)
+    """> 1: the train requests are cut into this many folds and every fold must also meet
+    max_imbalance at node level (a hedge against balancing one sample's noise)."""
     seed: int = 0
     deterministic: bool = False
     """Reproducible regardless of load: one CP-SAT worker bounded by deterministic time, and the

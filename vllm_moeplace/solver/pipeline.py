@@ -7,9 +7,9 @@ Step 1  expert -> node. node_sends depends only on node membership, so this is a
         partition over the layer's unique routing patterns (`cpsat_instance`), each node holding
         exactly (ranks on node x slots) experts and at most max_imbalance x its mean train load.
         Warm start: load-capped co-activation greedy, repaired and descended by exact-delta swaps
-        (`greedy`, `cpsat_local`). Then the budget alternates CP-SAT re-optimisation of two nodes
-        at a time (`cpsat_model`, exact on the aggregated patterns, hinted with the incumbent) and
-        perturb-and-descend local search; only strict improvements are kept.
+        (`greedy`, `cpsat_local`). Then the budget alternates CP-SAT on exact neighbourhoods (a few
+        free experts on 2-3 nodes, `cpsat_model`, hinted with the incumbent) and short annealing
+        walks followed by descent; only strict improvements are kept.
 Step 2  expert -> rank inside each node: longest-processing-time, then swaps inside the node down
         to the rank load cap (and, for --objective rank_sends, fewer distinct ranks per token).
 Step 3  redundant copies, if asked (`cpsat_redundancy`).
@@ -177,7 +177,13 @@ def _solve_layer(
         pweight = None if pweight is None else pweight * 1e-3
     cap = sizes / E * bal.sum() * opt.max_imbalance
     start = grow_groups(stats.coactivation(train, l), bal, sizes, cap)
-    search = SwapSearch(inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal)
+    fold_loads = fold_caps = None
+    if opt.balance_folds > 1:
+        fold_loads = _fold_loads(train, l, opt.balance_folds) / (1 if copies is None else copies)
+        fold_caps = fold_loads.sum(axis=1, keepdims=True) * (sizes / E)[None, :] * opt.max_imbalance
+    search = SwapSearch(
+        inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal, fold_loads=fold_loads, fold_caps=fold_caps
+    )
     deadline = time.monotonic() + budget
     det = opt.deterministic
     search.repair(np.inf if det else deadline)
@@ -215,7 +221,7 @@ def _solve_layer(
 
 
 def _improve(search: SwapSearch, N: int, opt: SolveOptions, budget: float, deadline: float, rng) -> tuple[int, int, str]:
-    """Alternate exact CP-SAT neighbourhoods and perturb-and-descend until the budget is spent."""
+    """Alternate exact CP-SAT neighbourhoods and anneal-and-descend until the budget is spent."""
     if N < 2:
         return 0, 0, "NOT_RUN"
     pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
@@ -226,6 +232,8 @@ def _improve(search: SwapSearch, N: int, opt: SolveOptions, budget: float, deadl
     # Deterministic mode: fixed work instead of the clock.
     rounds = max(1, int(budget * 4)) if opt.deterministic else 10**9
     best_a, best_c = search.a.copy(), search.cost()
+    # About 0.005 node_sends per token: uphill swaps of that size are taken early in a walk.
+    temp0 = 0.005 * search.inst.total * float((search.CW / search.inst.counts[:, None]).max())
     # Stop early once every node pair and as many kicks have failed in a row: the layer is at a
     # local optimum of both neighbourhoods, and the rest of the budget would be spent idling.
     stall_limit = max(8, 4 * len(pairs))
@@ -246,7 +254,7 @@ def _improve(search: SwapSearch, N: int, opt: SolveOptions, budget: float, deadl
                 improved += 1
                 search.descend(np.inf if opt.deterministic else deadline)
         else:
-            _kick(search, rng, 3)
+            _anneal(search, rng, 1500, temp0=temp0)
             search.descend(np.inf if opt.deterministic else deadline)
         c = search.cost()
         if c < best_c - 1e-9 and search.overflow() <= 1e-9:
@@ -274,6 +282,17 @@ def _neighbourhood(search: SwapSearch, N: int, pairs, order, k: int, rng: np.ran
         on = np.flatnonzero(search.a == u)
         free.append(rng.choice(on, min(per, len(on)), replace=False))
     return units, np.concatenate(free)
+
+
+def _fold_loads(trace: Trace, l: int, folds: int) -> np.ndarray:
+    """float [folds, E]: expert loads of `folds` contiguous groups of requests."""
+    reqs = np.unique(trace.request_ids)
+    fold_of_req = np.zeros(int(reqs.max()) + 1, dtype=np.int64)
+    fold_of_req[reqs] = np.arange(len(reqs)) * folds // len(reqs)
+    f = fold_of_req[trace.request_ids]
+    E = trace.num_experts
+    ids = trace.topk_ids[:, l, :].astype(np.int64) + (f * E)[:, None]
+    return np.bincount(ids.ravel(), minlength=folds * E).reshape(folds, E).astype(np.float64)
 
 
 def _align_nodes(search: SwapSearch, g: np.ndarray, cap: np.ndarray) -> None:
@@ -306,20 +325,28 @@ def _align_nodes(search: SwapSearch, g: np.ndarray, cap: np.ndarray) -> None:
         _reset(search, old)
 
 
-def _kick(search: SwapSearch, rng: np.random.Generator, n: int) -> None:
+def _anneal(search: SwapSearch, rng: np.random.Generator, steps: int, temp0: float) -> None:
+    """A short simulated-annealing walk over load-feasible swaps (exact deltas), cooling linearly
+    from temp0; the caller descends from where it ends and keeps it only if better."""
     E = len(search.a)
-    for _ in range(n):
-        for _try in range(50):
-            e, f = (int(v) for v in rng.choice(E, 2, replace=False))
-            if search.a[e] != search.a[f] and search._load_ok(e, f):
-                search.apply_swap(e, f)
-                break
+    pairs = rng.integers(0, E, size=(steps, 2))
+    u = rng.random(steps)
+    for k in range(steps):
+        e, f = int(pairs[k, 0]), int(pairs[k, 1])
+        if search.a[e] == search.a[f] or search.group[search.a[e]] != search.group[search.a[f]]:
+            continue
+        if not search._load_ok(e, f):
+            continue
+        d = search.swap_delta(e, f)
+        t = temp0 * (1.0 - k / steps) + 1e-12
+        if d <= 0 or u[k] < np.exp(-d / t):
+            search.apply_swap(e, f)
 
 
 def _reset(search: SwapSearch, assign: np.ndarray) -> None:
     search.a = assign.copy()
     search.cnt = search.inst.unit_counts(search.a, search.U)
-    search.unit_load = np.bincount(search.a, weights=search.load, minlength=search.U)
+    search.refresh_loads()
 
 
 def _place_ranks(
