@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--caps", type=float, nargs="+", default=[1.02, 1.05, 1.10, 1.15])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solver_heldout.md"))
     args = ap.parse_args()
-    lines = ["# Held-out placement quality", "", f"Command: `flock /tmp/moeplace-heavy.lock python {' '.join(sys.argv)}`", "", f"Machine: {machine()} (at start)", ""]
+    lines = ["# Held-out placement quality", "", f"Command: `flock /tmp/moeplace-heavy.lock python {' '.join(sys.argv)}`", "", f"Code: commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}. Machine: {machine()} (at start)", ""]
     trace = load_trace(DSV2)
     for R, G, label in ((16, 4, "EP16 over 4 nodes"), (8, 1, "EP8 over 8 nodes")):
         rows = rows_for(trace, R, G, args.caps, args.time_limit)

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redundant-per-rank", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=60.0, help="total seconds (default 60)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="plan from this share of requests; rest held out")
+    p.add_argument("--balance-folds", type=int, default=1, help="also bound the load of each of this many request folds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="same output for the same seed, regardless of load")
     p.add_argument("--model-name", default=None)
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             time_limit=args.time_limit,
             train_fraction=args.train_fraction,
             seed=args.seed,
+            balance_folds=args.balance_folds,
             deterministic=args.deterministic,
         )
     except ValidationError as e:
