@@ -113,7 +113,7 @@ def test_cli_writes_a_loadable_plan_and_reports_held_out(tmp_path, capsys):
     [
         (["--max-imbalance", "0.9"], "--max-imbalance 0.9"),
         (["--ep-size", "6", "--ranks-per-node", "3"], "ep_size 6 does not divide num_experts 16"),
-        (["--ep-size", "8", "--ranks-per-node", "3"], "ranks_per_node=3 does not divide ep_size=8"),
+        (["--ep-size", "8", "--ranks-per-node", "3"], "--ranks-per-node 3 does not divide --ep-size 8"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(tmp_path, capsys, flags, message):
@@ -178,3 +178,31 @@ def test_balance_folds_bound_every_fold():
             load = np.bincount(trace.topk_ids[fold == f, i].ravel(), minlength=32)
             node_load = [load[a[r]].sum() for r in topo.nodes]
             assert max(node_load) <= 1.3 * load.sum() / 4 + 1e-6
+
+
+def test_cli_topology_file_is_written_into_the_plan(tmp_path):
+    path = tmp_path / "t.npz"
+    save_trace(path, synthetic())
+    topo = tmp_path / "topo.json"
+    topo.write_text(json.dumps({"nodes": [[0, 1, 2, 3], [4, 5], [6, 7]], "link_cost": [[0, 1, 2], [1, 0, 2], [2, 2, 0]]}))
+    out = tmp_path / "plan.json"
+    rc = main(["solve", "--trace", str(path), "--ep-size", "8", "--topology", str(topo), "--objective", "hop_cost",
+               "--time-limit", "1", "--max-imbalance", "2.5", "--deterministic", "--out", str(out)])
+    assert rc == 0
+    plan = load_plan(out)
+    assert plan.topology.nodes == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    assert plan.topology.link_cost[0, 2] == 2
+
+
+def test_cpsat_failure_falls_back_to_the_heuristic_with_a_warning(monkeypatch):
+    import vllm_moeplace.solver.pipeline as pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("solver crashed")
+
+    monkeypatch.setattr(pipeline, "reoptimise_units", broken)
+    trace = synthetic(seed=9)
+    with pytest.warns(UserWarning, match="CP-SAT neighbourhood failed"):
+        plan = solve(trace, Topology.uniform(8, 2), SolveOptions(max_imbalance=2.5, **FAST))
+    validate_plan(plan)
+    assert plan.solver["cpsat_last_status"].startswith("ERROR") or plan.solver["cpsat_calls"] == 0

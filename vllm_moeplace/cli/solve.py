@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from vllm_moeplace.errors import MoeplaceError
-from vllm_moeplace.plan import NodeGroups, PlanError, Topology, linear_layout
+from vllm_moeplace.plan import Topology, linear_layout
 from vllm_moeplace.trace import load_trace
 
 
@@ -33,21 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _topology(args: argparse.Namespace) -> Topology:
-    if args.ranks_per_node is not None:
-        return Topology.uniform(args.ep_size, args.ranks_per_node)
-    src = args.topology
-    try:
-        data = json.loads(Path(src).read_text())
-    except OSError as e:
-        raise MoeplaceError(f"{src}: cannot read topology file: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise MoeplaceError(f"{src}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    try:
-        spec = NodeGroups.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise MoeplaceError(f"{src}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
-    return Topology.from_spec(spec, args.ep_size, where=src)
+    from vllm_moeplace.solver.topology_file import resolve_topology
+
+    if args.ep_size <= 0:
+        raise MoeplaceError(f"--ep-size {args.ep_size}: must be positive")
+    return resolve_topology(args.ep_size, ranks_per_node=args.ranks_per_node, path=args.topology)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         raise MoeplaceError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
-    if args.ep_size <= 0:
-        raise MoeplaceError(f"--ep-size {args.ep_size}: must be positive")
     topology = _topology(args)
     trace = load_trace(args.trace)
     meta_name = trace.meta.get("model") if isinstance(trace.meta, dict) else None

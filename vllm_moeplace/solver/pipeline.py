@@ -245,9 +245,16 @@ def _improve(search: SwapSearch, N: int, opt: SolveOptions, budget: float, deadl
             break
         if opt.lns_fraction > 0 and (it % 2 == 0 or opt.lns_fraction >= 1):
             units, free = _neighbourhood(search, N, pairs, order, it // 2, rng)
-            r = reoptimise_units(
-                search, units, sub_time, seed=opt.seed + it, deterministic=opt.deterministic, workers=opt.workers, free=free
-            )
+            try:
+                r = reoptimise_units(
+                    search, units, sub_time, seed=opt.seed + it, deterministic=opt.deterministic, workers=opt.workers, free=free
+                )
+            except Exception as e:  # never lose the incumbent to a CP-SAT failure: warn, go on without it
+                warnings.warn(f"CP-SAT neighbourhood failed ({type(e).__name__}: {e}); continuing with local search", stacklevel=2)
+                _reset(search, best_a)
+                opt = opt.model_copy(update={"lns_fraction": 0.0})
+                status = f"ERROR: {type(e).__name__}"
+                continue
             calls += 1
             status = r.status
             if r.improved:
