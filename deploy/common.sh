@@ -4,7 +4,7 @@
 # Every <PLACEHOLDER> must be replaced (or the variable exported) before use.
 set -euo pipefail
 
-MODEL=${MODEL:-<MODEL_PATH_OR_NAME>}          # same checkpoint on every node (shared FS or pre-downloaded)
+MODEL=${MODEL:-<MODEL_DIR>}                   # local checkpoint folder, same path on every node (validate reads its config.json)
 PLAN=${PLAN:-<ABSOLUTE_PATH>/plan.json}       # SAME absolute path on every node (shared FS or copied)
 PLAN_SHA256=${PLAN_SHA256:-<SHA256_OF_PLAN>}  # `sha256sum plan.json` on the machine that wrote it
 HEAD_IP=${HEAD_IP:-<HEAD_NODE_IP>}            # address every node can reach
