@@ -32,7 +32,7 @@ def machine() -> str:
     return f"nproc {os.cpu_count()}, CPU {cpu}, load {os.getloadavg()}"
 
 
-def rows_for(trace, R, G, caps, time_limit, redundant=0):
+def rows_for(trace, R, G, caps, time_limit, redundant=0, inter=()):
     train, held = trace.split_by_request(0.5)
     topo = Topology.uniform(R, G)
     out = []
@@ -47,6 +47,11 @@ def rows_for(trace, R, G, caps, time_limit, redundant=0):
         s = plan.solver
         note = f"train obj {s['objective']:.3f}, bound {s['best_bound']:.3f}, gap {100 * s['gap']:.0f}%, cp-sat {s['cpsat_improvements']}/{s['cpsat_calls']}"
         out.append((f"moeplace solve --max-imbalance {b}", m, s["time_s"], note))
+    for b, w in inter:
+        opts = SolveOptions(max_imbalance=b, inter_layer_weight=w, time_limit=time_limit, train_fraction=0.5, seed=0)
+        plan = solve(trace, topo, opts)
+        m = evaluate_layers(plan.layers, topo, held)
+        out.append((f"moeplace solve --max-imbalance {b} --inter-layer-weight {w}", m, plan.solver["time_s"], "no node_sends bound with the inter-layer term"))
     return out
 
 
@@ -65,8 +70,8 @@ def main() -> int:
     args = ap.parse_args()
     lines = ["# Held-out placement quality", "", f"Command: `flock /tmp/moeplace-heavy.lock python {' '.join(sys.argv)}`", "", f"Code: commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}. Machine: {machine()} (at start)", ""]
     trace = load_trace(DSV2)
-    for R, G, label in ((16, 4, "EP16 over 4 nodes"), (8, 1, "EP8 over 8 nodes")):
-        rows = rows_for(trace, R, G, args.caps, args.time_limit)
+    for R, G, label, more in ((16, 4, "EP16 over 4 nodes", []), (8, 1, "EP8 over 8 nodes", [1.25])):
+        rows = rows_for(trace, R, G, args.caps + more, args.time_limit, inter=[(1.05, 0.5)])
         lines += table(f"DeepSeek-V2-Lite (`{DSV2.name}`), {label}, train = first half of requests", rows, rows[0][1].node_sends)
     try:
         from vllm_moeplace.profiling.importers import import_trace
