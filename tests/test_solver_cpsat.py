@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_moeplace.solver.cpsat_bound import star_lower_bound
+from vllm_moeplace.solver.cpsat_bound import pair_relaxation_bound, star_lower_bound
 from vllm_moeplace.solver.cpsat_instance import LayerInstance
 from vllm_moeplace.solver.cpsat_local import SwapSearch
 from vllm_moeplace.solver.cpsat_model import reoptimise_units
@@ -100,13 +100,16 @@ def test_cpsat_never_worse_than_its_warm_start(seed):
 
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000))
-def test_star_bound_is_below_the_optimum(seed):
+def test_bounds_are_below_the_optimum(seed):
     inst = random_instance(seed, E=8, K=3, T=40)
     opt = brute_force(inst, 2, np.ones(2), np.inf)
     lb = star_lower_bound(inst, 4, 1.0)
-    # Both bounds the pipeline takes the max of must hold.
+    # Every bound the pipeline takes the max of must hold.
     assert lb <= opt + 1e-9
     assert inst.total <= opt + 1e-9
+    start = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    fw = pair_relaxation_bound(inst, 4, start, 1.0, time_budget=5.0)
+    assert 0 < fw <= opt + 1e-6
 
 
 @settings(max_examples=10, deadline=None)
