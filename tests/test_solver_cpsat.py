@@ -110,6 +110,8 @@ def test_bounds_are_below_the_optimum(seed):
     start = np.array([0, 1, 0, 1, 0, 1, 0, 1])
     fw = pair_relaxation_bound(inst, 4, start, 1.0, time_budget=5.0)
     assert 0 < fw <= opt + 1e-6
+    dual = pair_relaxation_bound(inst, 4, start, 1.0, time_budget=5.0, max_iters=10, exact_lmo_max_experts=0)
+    assert dual <= opt + 1e-6  # the Lagrangian-dual LMO keeps the bound valid
 
 
 @settings(max_examples=10, deadline=None)

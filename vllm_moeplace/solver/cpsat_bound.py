@@ -71,6 +71,7 @@ def pair_relaxation_bound(
     min_unit_weight: float,
     time_budget: float,
     max_iters: int = 40,
+    exact_lmo_max_experts: int = 128,
 ) -> float:
     """A stronger bound: the star decomposition with the companions made consistent.
 
@@ -82,6 +83,8 @@ def pair_relaxation_bound(
         min_Z F >= F(z) + min_{s∈Z} ∇F(z)·(s - z),
     the inner minimum being an LP over Z (GLOP). Started at the incumbent placement. Unlike the
     star bound, an expert cannot be everyone's favourite companion: symmetry caps its share.
+    Above `exact_lmo_max_experts` the LP is too big for the budget and its minimum is bounded
+    from below by its Lagrangian dual instead (`_fw_dual`), which keeps the bound valid.
     """
     import time
 
@@ -108,6 +111,8 @@ def pair_relaxation_bound(
         return g + g.T  # z[e, f] = z[f, e] enters e's and f's terms
 
     iu, ju = np.triu_indices(E, 1)
+    if E > exact_lmo_max_experts:
+        return _fw_dual(value, grad, start_assign, m, E, t_end, max_iters, min_unit_weight)
     lp = pywraplp.Solver.CreateSolver("GLOP")
     x = [lp.NumVar(0.0, 1.0, "") for _ in range(len(iu))]
     inc = [[] for _ in range(E)]
@@ -130,6 +135,10 @@ def pair_relaxation_bound(
         for k in range(len(iu)):
             obj.SetCoefficient(x[k], float(g[iu[k], ju[k]]))
         obj.SetMinimization()
+        left_ms = int(1000 * (t_end - time.monotonic()))
+        if left_ms <= 0:
+            break
+        lp.SetTimeLimit(left_ms)  # only an OPTIMAL LP certifies the bound
         if lp.Solve() != pywraplp.Solver.OPTIMAL:
             break
         # min_s g.s over Z, from the LP's own optimum (upper triangle = each pair once).
@@ -153,3 +162,49 @@ def pair_relaxation_bound(
         if f - best <= 1e-4 * f:
             break
     return float(min_unit_weight * best)
+
+
+def _fw_dual(value, grad, start_assign, m, E, t_end, max_iters, w) -> float:
+    """Frank-Wolfe with the LMO replaced by a lower bound on it: for any u,
+        min_{s∈Z} g·s >= (m-1) Σ_e u_e - Σ_{e<f} max(0, u_e + u_f - g_ef)
+    (Lagrangian dual of the degree constraints, 0 <= s <= 1 kept). u is improved by a few
+    subgradient steps; the step direction is the Lagrangian minimiser. The linearisation bound
+    F(z) + ∇F(z)·(s - z) <= F* holds for every z >= 0, so the iterate need not stay in Z."""
+    import time
+
+    z = (start_assign[:, None] == start_assign[None, :]).astype(np.float64)
+    np.fill_diagonal(z, 0.0)
+    iu, ju = np.triu_indices(E, 1)
+    best = 0.0
+    f, j = value(z)
+    for _ in range(max_iters):
+        if time.monotonic() > t_end:
+            break
+        g = grad(j)
+        gu = g[iu, ju]
+        gz = float((gu * z[iu, ju]).sum())
+        u = np.sort(g, axis=1)[:, m - 1] / 2.0  # start: half the (m-1)-th smallest gradient
+        scale = float(np.abs(gu).mean()) + 1e-12
+        dual_best = -np.inf
+        for k in range(60):
+            slack = u[iu] + u[ju] - gu
+            dual = (m - 1) * u.sum() - np.maximum(slack, 0).sum()
+            dual_best = max(dual_best, dual)
+            act = slack > 0
+            deg = np.bincount(iu[act], minlength=E) + np.bincount(ju[act], minlength=E)
+            u = u + (scale / (1 + k)) * ((m - 1) - deg)
+        best = max(best, f + dual_best - gz - 1e-7 * abs(f))
+        s = np.zeros((E, E))
+        s[iu, ju] = (u[iu] + u[ju] - gu > 0).astype(np.float64)
+        s = s + s.T
+        d = s - z
+        lo, hi = 0.0, 1.0
+        for _ in range(8):
+            a, b = (2 * lo + hi) / 3, (lo + 2 * hi) / 3
+            if value(z + a * d)[0] < value(z + b * d)[0]:
+                hi = b
+            else:
+                lo = a
+        z = z + 0.5 * (lo + hi) * d
+        f, j = value(z)
+    return float(w * best)
