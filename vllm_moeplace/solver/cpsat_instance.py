@@ -77,28 +77,6 @@ class LayerInstance:
         cnt = self.unit_counts(assign, len(unit_weight))
         return float(self.counts @ ((cnt > 0) @ unit_weight))
 
-    def restrict(self, experts: np.ndarray) -> tuple["LayerInstance", np.ndarray]:
-        """Patterns projected on `experts` (renumbered 0..len-1), duplicates merged; patterns that
-        meet fewer than two of them are dropped (they cannot change a partition's cost).
-
-        Projected patterns have different sizes, so rows are padded with -1; only the search code
-        that knows this (`cpsat_model`) uses the result. Returns (instance, kept pattern mask).
-        """
-        local = np.full(self.num_experts, -1, dtype=np.int64)
-        local[experts] = np.arange(len(experts))
-        proj = np.sort(local[self.patterns], axis=1)[:, ::-1]  # members first, -1 padding last
-        keep = (proj >= 0).sum(axis=1) >= 2
-        u, inv = np.unique(proj[keep], axis=0, return_inverse=True)
-        c = np.bincount(inv.ravel(), weights=self.counts[keep], minlength=len(u))
-        return _Projected(u, c, len(experts)), keep
-
-
-class _Projected(LayerInstance):
-    """A LayerInstance whose rows may be padded with -1 (see `LayerInstance.restrict`)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_inc", (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)))
-
 
 def node_weights(node_sizes: np.ndarray, ep_size: int) -> np.ndarray:
     """Integer unit weights for node_sends, scaled by R: touching node n costs (R - g_n) / R."""

@@ -20,7 +20,6 @@ Bound   per layer max(one node per pattern, star bound, Frank-Wolfe bound of the
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,9 +38,6 @@ from vllm_moeplace.solver.cpsat_redundancy import add_replicas, copy_counts, reb
 from vllm_moeplace.solver.greedy import grow_groups, lpt_partition
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.trace import Trace
-
-log = logging.getLogger(__name__)
-
 
 class SolveError(MoeplaceError):
     """The instance or the constraints cannot be solved as asked (names the value)."""
