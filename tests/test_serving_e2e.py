@@ -1,4 +1,5 @@
-"""End to end on the real vLLM (CPU, TP2 + EP, float32): a permuted plan gives the same greedy
+"""End to end on the real vLLM (CPU, TP2 + EP, float32; Qwen3-MoE, Qwen2-MoE with a shared expert,
+DeepSeek-V2 with a dense first layer + shared experts): a permuted plan gives the same greedy
 tokens as vLLM's default layout (offline API and `vllm serve` + HTTP), every rank holds exactly
 the experts the plan assigns it, the CPU EP kernel fix makes the default layout match TP1, and
 without a plan the plugin changes nothing. Engines are shared across assertions (one per run).
@@ -36,6 +37,14 @@ ENV = {
 CKPT = {
     "qwen3_moe": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
     "qwen2_moe": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
+    "deepseek_v2": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
+}
+# DeepSeek-V2 (dense first layer, shared experts): placement only. Its CPU MLA attention is not
+# bit-reproducible (../shared notes), so its tokens are not compared.
+MODELS = {
+    "qwen3_moe": dict(arch="qwen3_moe"),
+    "qwen2_moe": dict(arch="qwen2_moe"),
+    "deepseek_v2": dict(arch="deepseek_v2", num_layers=3, first_dense_layers=1),
 }
 
 
@@ -59,15 +68,16 @@ class Setup:
         self.runs: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])
+@pytest.fixture(scope="module", params=list(MODELS))
 def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
     arch = request.param
-    model = tiny_model_factory(arch=arch)
+    model = tiny_model_factory(**MODELS[arch])
     tmp = tmp_path_factory.mktemp(f"e2e_{arch}")
     plan = random_plan(model, ep_size=2, seed=1)
     plan.save(tmp / "plan.json")
     s = Setup(arch, model, tmp / "plan.json")
-    s.runs["default_tp2"] = probe(tmp, "default_tp2", model, "--tp", "2", "--cpu-ep-fix")
+    if arch != "deepseek_v2":
+        s.runs["default_tp2"] = probe(tmp, "default_tp2", model, "--tp", "2", "--cpu-ep-fix")
     s.runs["plan_tp2"] = probe(tmp, "plan_tp2", model, "--tp", "2", "--plan", str(s.plan_path))
     if arch == "qwen3_moe":
         s.runs["tp1"] = probe(tmp, "tp1", model, "--tp", "1")
@@ -77,6 +87,8 @@ def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
 
 
 def test_plan_tokens_equal_default_layout_offline(setup):
+    if "default_tp2" not in setup.runs:
+        pytest.skip("placement-only architecture")
     plan_ids, default_ids = setup.runs["plan_tp2"]["token_ids"], setup.runs["default_tp2"]["token_ids"]
     assert len(plan_ids) == len(DEFAULT_PROMPTS) and all(len(t) == 8 for t in plan_ids)
     assert plan_ids == default_ids
@@ -99,13 +111,15 @@ def test_each_rank_holds_the_planned_experts(setup):
                 assert held["w2"][s] == fps[(int(layer), e)]["w2"], (layer, r, s, e)
                 moved += e != r * len(experts) + s
     assert moved > 0  # the plan really is not the default layout
-    # and the default run holds vLLM's linear layout (same fingerprint machinery)
-    d0 = {r["ep_rank"]: r for r in setup.runs["default_tp2"]["ranks"]}[0]["layers"]["0"]
-    assert [d0["w13"][s] for s in range(4)] == [fps[(0, e)]["w13"] for e in range(4)]
+    if setup.arch == "deepseek_v2":
+        assert sorted(ranks[0]["layers"]) == ["1", "2"]  # layer 0 is dense: no experts there
+    else:  # and the default run holds vLLM's linear layout (same fingerprint machinery)
+        d0 = {r["ep_rank"]: r for r in setup.runs["default_tp2"]["ranks"]}[0]["layers"]["0"]
+        assert [d0["w13"][s] for s in range(4)] == [fps[(0, e)]["w13"] for e in range(4)]
 
 
 def test_plugin_active_only_with_a_request(setup):
-    for r in setup.runs["plan_tp2"]["ranks"] + setup.runs["default_tp2"]["ranks"]:
+    for r in setup.runs["plan_tp2"]["ranks"] + setup.runs.get("default_tp2", {"ranks": []})["ranks"]:
         assert r["runtime_hooks"] and r["cpu_ep_fix"]
     if "tp1" in setup.runs:
         for r in setup.runs["tp1"]["ranks"]:
