@@ -171,6 +171,71 @@ def _load() -> str:
 # ---- comparison with the seed papers ---------------------------------------------------------------
 
 
+def _by(rows: list[Row], trace: str, ep: int, nodes: int, batch: str, hw: str) -> dict[str, Row]:
+    return {r.layout: r for r in rows if r.scenario == (trace, ep, nodes, batch, hw)}
+
+
+def _chg(new: float, old: float) -> str:
+    return f"{(new / old - 1) * 100:+.1f}%"
+
+
+def findings_section(rows: list[Row], hw: str, params: SimParams) -> str:
+    """What the numbers say, written from the rows (so it cannot drift from the tables)."""
+    ours = "cpsat" if any(r.layout == "cpsat" for r in rows) else "greedy"
+    out = ["## What the numbers say", ""]
+    ds = "dsv2lite_puffin_a"
+    grid = [(8, 2), (16, 4), (32, 8)]
+    for batch in ("prefill", "decode"):
+        parts = []
+        for ep, n in grid:
+            b = _by(rows, ds, ep, n, batch, hw)
+            if ours in b and "linear" in b:
+                parts.append(f"EP{ep}/{n}: {_chg(b[ours].total_ms, b['linear'].total_ms)} time, "
+                             f"{_chg(b[ours].rdma_gb, b['linear'].rdma_gb)} RDMA bytes")
+        if parts:
+            why = (" The gain comes mostly from co-locating co-activated experts (fewer remote nodes per token, so "
+                   "less RDMA in dispatch and combine); `eplb` balances load but leaves traffic unchanged."
+                   if batch == "prefill" else "")
+            out.append(f"- DeepSeek-V2-Lite, {batch}, `{ours}` vs `linear` at 4 GPUs/node: " + "; ".join(parts) + "." + why)
+    b1 = _by(rows, ds, 8, 1, "prefill", hw)
+    if {"linear", "eplb", ours} <= set(b1):
+        out.append(f"- On one node (EP8/1) there is no RDMA: only balance matters, and `eplb` "
+                   f"({_chg(b1['eplb'].total_ms, b1['linear'].total_ms)}) and `{ours}` "
+                   f"({_chg(b1[ours].total_ms, b1['linear'].total_ms)}) are about equal.")
+    l2p = _by(rows, "llama4_mmlu_algebra", 8, 2, "prefill-phase", hw)
+    l2d = _by(rows, "llama4_mmlu_algebra", 8, 2, "decode-phase", hw)
+    if {"linear", "eplb", ours} <= set(l2p) and {"linear", "eplb", ours} <= set(l2d):
+        ns = sorted({round(r.node_sends, 3) for r in l2p.values()})
+        shape = params.models["llama-4-maverick"]
+        t_exp = shape.expert_weight_bytes / (params.hardware[hw].hbm_bandwidth_tbs * 1e12)
+        L = 24
+        act = {k: l2d[k].compute_ms / 1e3 / L / t_exp for k in ("linear", "eplb", ours)}
+        out.append(
+            f"- Llama-4-Maverick (top-1): node_sends is {ns} for every layout. With one expert per token and origins "
+            "independent of routing, a token needs a remote node with probability 1 − g/R whatever the placement, so "
+            "placement cannot cut its traffic here; it can only balance compute. Prefill (compute-bound): "
+            f"`eplb` {_chg(l2p['eplb'].compute_ms, l2p['linear'].compute_ms)}, `{ours}` "
+            f"{_chg(l2p[ours].compute_ms, l2p['linear'].compute_ms)} MoE compute vs linear.")
+        out.append(
+            "- Llama-4 decode is the opposite case: with 128 tokens/rank the expert GEMMs are weight-read bound "
+            "(each active expert reads 252 MB), so the slowest rank is the one with the most *distinct* active "
+            f"experts, ≈ {act['linear']:.1f} (linear), {act['eplb']:.1f} (eplb), {act[ours]:.1f} ({ours}) per layer. "
+            "Token-load balancing spreads hot experts and gives every rank more distinct active experts: "
+            f"`eplb` {_chg(l2d['eplb'].total_ms, l2d['linear'].total_ms)}, `{ours}` "
+            f"{_chg(l2d[ours].total_ms, l2d['linear'].total_ms)} step time. A decode-oriented plan should balance the "
+            "expected number of active experts per rank, not token load (not an objective of `solve` today).")
+    sens = {h: _by(rows, ds, 16, 4, "prefill", h) for h in params.hardware}
+    if all({"linear", ours} <= set(v) for v in sens.values()) and len(sens) > 1:
+        txt = ", ".join(f"`{h}` {_chg(v[ours].total_ms, v['linear'].total_ms)} (linear {v['linear'].total_ms:.1f} ms)"
+                        for h, v in sens.items())
+        out.append(
+            f"- Sensitivity, DeepSeek-V2-Lite EP16/4 prefill, `{ours}` vs `linear`: {txt}. A 3x faster NVLink changes "
+            "nothing while RDMA is the bottleneck (the two overlap); without per-node aggregation every remote *rank* "
+            "costs an RDMA message, the step is slower, and co-location still pays.")
+    out.append("")
+    return "\n".join(out)
+
+
 def seeds_section(rows: list[Row], hw: str) -> str:
     def get(trace, ep, nodes, batch):
         return [r for r in rows if r.scenario == (trace, ep, nodes, batch, hw)]
@@ -194,6 +259,8 @@ def seeds_section(rows: list[Row], hw: str) -> str:
             "node equidistant), where hop counts *without* deduplication do not depend on placement (placement-anchors.md) |"
         )
     l2 = get("llama4_mmlu_algebra", 8, 2, "decode-phase")
+    d16d = get("dsv2lite_puffin_a", 16, 4, "decode")
+    dv = ratio(d16d, lay, "rdma_gb") if d16d else None
     v = ratio(l2, lay, "rdma_gb") if l2 else None
     vt = None
     if l2:
@@ -203,10 +270,13 @@ def seeds_section(rows: list[Row], hw: str) -> str:
     if v is not None:
         lines.append(
             f"| arXiv 2604.23150: up to 20% less all-to-all data | Llama-4 Maverick, DeepSeek-V3, Qwen3 multi-node decode; "
-            f"placement *plus* workload-aware micro-batch grouping | `{lay}`: {(1 - v) * 100:+.1f}% less inter-node (RDMA) "
-            f"bytes, {(1 - vt) * 100:+.1f}% less total (RDMA+NVLink) bytes, Llama-4 trace EP8/2 nodes decode | "
-            "partly: same model and trace family, but only 100 MMLU abstract-algebra prompts here, and no micro-batch "
-            "grouping (our batches mix held-out prompts at random) |"
+            f"placement *plus* workload-aware micro-batch grouping | `{lay}` vs linear, Llama-4 trace EP8/2 nodes decode: "
+            f"{_chg(v, 1)} inter-node (RDMA) bytes, {_chg(vt, 1)} total (RDMA+NVLink) bytes"
+            + (f"; DeepSeek-V2-Lite EP16/4 decode (top-6): {_chg(dv, 1)} RDMA bytes" if dv is not None else "")
+            + " | no for Llama-4: with top-1 routing and origins independent of routing, expected inter-node traffic is "
+            "the same for every placement (differences of a few tenths of a percent are sampling), so their reduction must come from grouping requests by expected experts (origin-"
+            "aware), which our uniform-origin batches exclude by design. The top-k>1 DeepSeek number is the closest "
+            "placement-only analogue (different model) |"
         )
     lp = get("llama4_mmlu_algebra", 8, 2, "prefill-phase")
     c = ratio(lp, lay, "compute_ms") if lp else None
@@ -214,8 +284,8 @@ def seeds_section(rows: list[Row], hw: str) -> str:
     if c is not None:
         lines.append(
             f"| arXiv 2510.05497: prefill-aware placement, 15.5% (up to 1.25×) faster MoE compute | Llama-4 / DeepSeek-V3 "
-            f"/ Qwen3 traces (the dataset our Llama-4 trace comes from), existing GPU systems | MoE compute time (max rank load): "
-            f"`{lay}` {(1 - c) * 100:+.1f}%, `eplb` {(1 - (ce or 1)) * 100:+.1f}% vs linear, Llama-4 EP8/2 nodes prefill | "
+            f"/ Qwen3 traces (the dataset our Llama-4 trace comes from), existing GPU systems | MoE compute time (slowest rank) "
+            f"vs linear, Llama-4 EP8/2 nodes prefill: `{lay}` {_chg(c, 1)}, `eplb` {_chg(ce or 1, 1)} | "
             "partly: same trace source and metric (slowest rank's expert work); their hardware and EP size differ, and our "
             "compute time is a roofline, not a measured kernel |"
         )
@@ -224,12 +294,12 @@ def seeds_section(rows: list[Row], hw: str) -> str:
         t2 = ratio(d, lay, "total_ms")
         parts = []
         if t1 is not None:
-            parts.append(f"single node EP8: {(1 - t1) * 100:+.1f}%")
+            parts.append(f"single node EP8: {_chg(t1, 1)}")
         if t2 is not None:
-            parts.append(f"EP16/4 nodes: {(1 - t2) * 100:+.1f}%")
+            parts.append(f"EP16/4 nodes: {_chg(t2, 1)}")
         lines.append(
             "| MoETuner (arXiv 2502.06643): 9.3% (single node) / 17.5% (multi-node) end-to-end speedup | Mixtral-8x7B "
-            f"(8 experts, top-2), measured end to end | MoE-layer time per step, DeepSeek-V2-Lite prefill, `{lay}`: "
+            f"(8 experts, top-2), measured end to end | MoE-layer time per step vs linear, DeepSeek-V2-Lite prefill, `{lay}`: "
             + ", ".join(parts) + " | no: different model (8 experts cannot be co-located the same way), and end-to-end time "
             "includes attention and dense layers we do not simulate; our MoE-only ratio is an upper bound on the end-to-end one |"
         )
@@ -251,8 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model shape (key in the params file) for --trace")
     p.add_argument("--topologies", default="8x2,16x4,32x8", help="for --trace: EPxNODES list")
     p.add_argument("--batches", default="prefill,decode", help="for --trace: batch keys in the params file")
+    p.add_argument("--render-only", metavar="JSON", help="redraw the markdown and PNGs from a saved results JSON")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    if args.render_only:
+        src = Path(args.render_only)
+        render(json.loads(src.read_text()), src.parent, src.stem)
+        print(f"wrote {src.with_suffix('.md')}")
+        return 0
 
     params = load_params(args.params)
     hw_name = args.hardware or params.default_hardware
@@ -277,13 +353,23 @@ def main(argv: list[str] | None = None) -> int:
     for sc in scenarios:
         rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True))
     elapsed = time.perf_counter() - t0
-    mach = machine()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    data = {
+        "command": command, "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_before": load_before, "load_after": _load(), "wall_seconds": round(elapsed, 1),
+        "hardware": hw_name, "cpsat_seconds": cpsat_seconds, "cpsat_available": "cpsat" in available_layouts(),
+        "suite": not args.trace, "params": json.loads(Path(args.params).read_text()), "rows": [r.as_dict() for r in rows],
+    }
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    render(data, out, stem)
+    print(f"wrote {out / (stem + '.md')} ({elapsed:.0f} s)")
+    return 0
 
-    (out / f"{stem}.json").write_text(json.dumps({
-        "command": command, "machine": mach, "date": stamp, "hardware": hw_name, "cpsat_seconds": cpsat_seconds,
-        "params": json.loads(Path(args.params).read_text()), "rows": [r.as_dict() for r in rows],
-    }, indent=1) + "\n")
+
+def render(data: dict, out: Path, stem: str) -> None:
+    """simulation.json -> simulation.md + PNGs (re-runnable alone: --render-only)."""
+    rows = [Row(**r) for r in data["rows"]]
+    hw_name, mach, command = data["hardware"], data["machine"], data["command"]
+    params = SimParams.model_validate(data["params"])
     pngs = []
     for tr in dict.fromkeys(r.trace for r in rows):
         if len({r.ep_size for r in rows if r.trace == tr}) > 1:
@@ -300,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# Cluster-scale simulation of expert placements",
         "",
-        f"Produced by `{command}` (run under `flock /tmp/moeplace-heavy.lock`) on {stamp}, commit {mach['commit']}.",
-        f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), Python {mach['python']}; load average before {load_before}, "
-        f"after {_load()}; wall time {elapsed:.0f} s. The simulator is deterministic (seeded batches); the CP-SAT and "
-        f"greedy layouts depend on time limits ({cpsat_seconds:g} s per CP-SAT solve) and so slightly on machine load.",
+        f"Produced by `{command}` (run under `flock /tmp/moeplace-heavy.lock`) on {data['date']}, commit {mach['commit']}.",
+        f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), Python {mach['python']}; load average before {data['load_before']}, "
+        f"after {data['load_after']}; wall time {data['wall_seconds']:.0f} s. The simulator is deterministic (seeded "
+        f"batches, CP-SAT in deterministic mode with {data['cpsat_seconds']:g} s per plan); the greedy baseline has a "
+        "wall-clock limit and so may vary slightly with machine load. The raw rows are in "
+        f"`{stem}.json`; `python benchmarks/simulate.py --render-only benchmarks/results/{stem}.json` redraws this page.",
         "",
         f"Hardware profile `{hw_name}` from `benchmarks/sim_params.json`: NVLink {hw.nvlink_bandwidth_gbs:g} GB/s + "
         f"{hw.nvlink_latency_us:g} µs, RDMA {hw.rdma_bandwidth_gbs:g} GB/s + {hw.rdma_latency_us:g} µs per GPU and direction, "
@@ -318,19 +406,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Layouts: `linear` = vLLM's default contiguous blocks; `round_robin` = vLLM's round-robin; `eplb` = DeepSeek EPLB "
         "hierarchical policy without redundant experts; `greedy` = co-activation greedy; `cpsat` = our CP-SAT plan "
-        "(`moeplace solve`)." + ("" if "cpsat" in available_layouts() else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
+        "(`solve()`, as `moeplace solve`)." + ("" if data["cpsat_available"] else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
         "",
         "## Key results: MoE step time of each layout against vLLM's default (`linear`)",
         "",
         "Negative = faster than linear. Held-out requests; details per scenario below.",
         "",
         summary_table(rows),
-        "## Time vs EP size",
-        "",
     ]
+    if data["suite"]:
+        md.append(findings_section(rows, hw_name, params))
+    md += ["## Time vs EP size", ""]
     md += [f"![time vs EP]({x})" for x in pngs if x.startswith("sim_time_vs_ep")]
     md += ["", "## Per scenario, all layouts side by side", "", all_tables(rows), f"![breakdown]({pngs[-1]})", ""]
-    if not args.trace:
+    if data["suite"]:
         md.append(seeds_section(rows, hw_name))
     md += [
         "## Limits of these numbers",
@@ -339,13 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         "kernel launch jitter; latencies and compute efficiencies are assumptions stated in the parameter file.",
         "- Batches are tokens drawn at random from the held-out requests and dealt uniformly to ranks (the metrics' "
         "assumption); real prefill batches hold whole prompts, whose tokens route alike, so real per-step skew is larger.",
-        *(["- The DeepSeek-V2-Lite trace is prefill only: its `decode` rows reuse prefill routing at decode batch size."] if not args.trace else []),
+        *(["- The DeepSeek-V2-Lite trace is prefill only: its `decode` rows reuse prefill routing at decode batch size."] if data["suite"] else []),
         "- No redundant experts anywhere here (all layouts hold E/R experts per rank).",
         "",
     ]
     (out / f"{stem}.md").write_text("\n".join(md))
-    print(f"wrote {out / (stem + '.md')} ({elapsed:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -122,15 +122,17 @@ def plot_time_vs_ep(rows: list[Row], path: Path, trace: str, title: str, hardwar
     batches = sorted({r.batch for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
     styles = {4: "-", 8: "--", 2: ":", 1: "-."}
+    # One colour per layout, one line style per GPUs-per-node series.
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.layout for r in rows))}
     for ax, batch in zip(axes[0], batches):
         sel = [r for r in rows if r.batch == batch]
         for gpn in sorted({r.ep_size // r.num_nodes for r in sel}):
-            for layout in dict.fromkeys(r.layout for r in sel):
+            for layout in colours:
                 pts = sorted((r.ep_size, r.total_ms) for r in sel if r.layout == layout and r.ep_size // r.num_nodes == gpn)
                 if len(pts) < 2:
                     continue
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, styles.get(gpn, "-"), marker="o", label=f"{layout} ({gpn} GPU/node)")
+                ax.plot(xs, ys, styles.get(gpn, "-"), color=colours[layout], marker="o", label=f"{layout} ({gpn} GPU/node)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("EP size (ranks); tokens per rank fixed, so the batch grows with EP")
         ax.set_ylabel("simulated MoE time per step (ms, all layers)")
