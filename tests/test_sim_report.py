@@ -84,3 +84,7 @@ def test_simulate_script_end_to_end(tmp_path):
     assert "--trace" in md and "Machine:" in md and "| linear |" in md
     png = out / "sim_breakdown_simulation_syn.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The page is a pure function of the saved rows: redrawing it gives the same markdown.
+    (out / "simulation_syn.md").unlink()
+    assert sim.main(["--render-only", str(out / "simulation_syn.json")]) == 0
+    assert (out / "simulation_syn.md").read_text() == md
