@@ -15,6 +15,10 @@
 source "$(dirname "$0")/common.sh"
 ROLE=${ROLE:?set ROLE=head or ROLE=worker}
 preflight
+# Ray workers do not inherit the head's environment: the plugin's runtime hooks (weight remap at
+# load time) must be switched on in every node's Ray processes (docs/serving.md, "How the request
+# reaches the workers"). Exported before `ray start`, it reaches the workers Ray starts there.
+export MOEPLACE_RUNTIME_HOOKS=1
 
 if [[ "$ROLE" == worker ]]; then
     exec ray start --address "$HEAD_IP:${RAY_PORT:-6379}" --num-gpus "$GPUS_PER_NODE" --block
