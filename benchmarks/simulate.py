@@ -391,7 +391,8 @@ def render(data: dict, out: Path, stem: str) -> None:
         f"after {data['load_after']}; wall time {data['wall_seconds']:.0f} s. The simulator is deterministic (seeded "
         f"batches, CP-SAT in deterministic mode with {data['cpsat_seconds']:g} s per plan); the greedy baseline has a "
         "wall-clock limit and so may vary slightly with machine load. The raw rows are in "
-        f"`{stem}.json`; `python benchmarks/simulate.py --render-only benchmarks/results/{stem}.json` redraws this page.",
+        f"`{stem}.json`; `python benchmarks/simulate.py --render-only benchmarks/results/{stem}.json` redraws this page"
+        + (f" (this page was redrawn so at commit {rc})." if (rc := machine()["commit"]) != mach["commit"] else "."),
         "",
         f"Hardware profile `{hw_name}` from `benchmarks/sim_params.json`: NVLink {hw.nvlink_bandwidth_gbs:g} GB/s + "
         f"{hw.nvlink_latency_us:g} µs, RDMA {hw.rdma_bandwidth_gbs:g} GB/s + {hw.rdma_latency_us:g} µs per GPU and direction, "
