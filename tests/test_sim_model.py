@@ -232,3 +232,20 @@ def test_parameter_file_unreadable_or_malformed(tmp_path):
     with pytest.raises(SimParamsError, match=r"bad\.json: malformed JSON at line 1"):
         load_params(f)
     assert parse_params(_params()).hardware["hw"] == HW
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), g=st.sampled_from([1, 2, 4, 8]))
+def test_node_aggregation_never_adds_network_messages(seed, g):
+    # One message per (token, remote node) instead of per (token, remote rank); NVLink forwarding
+    # takes over the rest, and every remote host rank still receives the token exactly once.
+    topo, a, ids, org = _random_case(seed, g=g)
+    agg = layer_traffic(a, topo, 16, ids, org, True)
+    direct = layer_traffic(a, topo, 16, ids, org, False)
+    assert agg.rdma_messages <= direct.rdma_messages
+    if g == 8:  # a single node: no network at all
+        assert agg.rdma_messages == direct.rdma_messages == 0
+    # Each distinct remote host gets the token once: over NVLink, or as the RDMA peer itself.
+    hosts_reached = direct.rdma_messages + direct.nvl_messages
+    assert agg.nvl_messages <= hosts_reached <= agg.nvl_messages + agg.rdma_messages
+    assert (agg.pairs == direct.pairs).all()
