@@ -71,7 +71,7 @@ def pair_relaxation_bound(
     min_unit_weight: float,
     time_budget: float,
     max_iters: int = 40,
-    exact_lmo_max_experts: int = 128,
+    exact_lmo_max_experts: int = 64,
 ) -> float:
     """A stronger bound: the star decomposition with the companions made consistent.
 

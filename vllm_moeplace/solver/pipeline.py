@@ -212,7 +212,10 @@ def _solve_layer(
         bound = max(
             float(inst.counts.sum() * w.min()),
             star_lower_bound(inst, int(sizes.max()), float(w.min())),
-            pair_relaxation_bound(inst, int(sizes.max()), node_assign, float(w.min()), bound_time),
+            # deterministic mode: a fixed number of Frank-Wolfe steps instead of a time budget
+            pair_relaxation_bound(inst, int(sizes.max()), node_assign, float(w.min()), 1e9, max_iters=10)
+            if det
+            else pair_relaxation_bound(inst, int(sizes.max()), node_assign, float(w.min()), bound_time),
         )
     else:
         bound = float(inst.counts.sum() * w.min()) if lin is None else 0.0
