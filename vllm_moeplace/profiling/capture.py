@@ -37,6 +37,7 @@ every vLLM process and by the CLI.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ CONFIG_KEY = "moeplace_capture"
 """`additional_config` key with the capture options ({"weights": bool}). Being in the config it is
 part of vLLM's compile-cache hash, so a graph compiled with capture is never reused without it."""
 
-CAPTURE_ABI = 1
+CAPTURE_ABI = 2
 """Bumped whenever the in-graph callbacks change, so stale compiled graphs are never reused."""
 
 EXTENSION_CLS = "vllm_moeplace.profiling.capture.CaptureWorkerExtension"
@@ -87,16 +88,20 @@ def register() -> None:
 
 
 class _CopyIds:
-    """capture_fn of one MoE layer: rows [0, n) of `buf` <- topk_ids (int32 -> int16).
+    """capture_fn of one MoE layer: rows [0, n) of `buf` <- topk_ids (int32 -> int16), rows <- n.
 
-    A plain object with one tensor attribute so torch.compile sees a single in-place copy into a
-    graph input; nothing else happens here (no Python state changes, no host sync)."""
+    A plain object with tensor attributes so torch.compile sees two in-place ops on graph inputs;
+    nothing else happens here (no Python state changes, no host sync). `rows` lets the host check
+    that the callback really ran in this step, over all of its tokens."""
 
-    def __init__(self, buf) -> None:
+    def __init__(self, buf, rows) -> None:
         self.buf = buf  # int16 [max_tokens, K]
+        self.rows = rows  # int64 [1]
 
     def __call__(self, topk_ids) -> None:
-        self.buf[: topk_ids.shape[0]].copy_(topk_ids)
+        n = topk_ids.shape[0]
+        self.buf[:n].copy_(topk_ids)
+        self.rows.fill_(n)
 
 
 class _CopyWeights:
@@ -138,7 +143,9 @@ class _CaptureState:
     req_names: list[str] = field(default_factory=list)
     req_lookup: dict[str, int] = field(default_factory=dict)
     prompt_lens: dict[str, int] = field(default_factory=dict)
+    row_counts: list = field(default_factory=list)  # per layer int64 [1]: rows the callback wrote
     steps: int = 0
+    host_seconds: float = 0.0  # time spent in record_step (reported by the benchmark)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -149,6 +156,7 @@ class _CaptureState:
             "weights": self.weight_bufs is not None,
             "ids_remapped_by_plan": sorted(self.phys_to_log) if self.phys_to_log else [],
             "buffer_bytes": int(sum(b.numel() * b.element_size() for b in self.ids_bufs + (self.weight_bufs or []))),
+            "host_seconds": self.host_seconds,
         }
 
     def reset(self) -> None:
@@ -156,6 +164,7 @@ class _CaptureState:
         self.req_names.clear()
         self.req_lookup.clear()
         self.steps = 0
+        self.host_seconds = 0.0
 
     def _req(self, name: str) -> int:
         i = self.req_lookup.get(name)
@@ -168,46 +177,58 @@ class _CaptureState:
         """Copy this step's buffer rows out and label each with (request, position, prefill)."""
         import torch
 
-        total = int(scheduler_output.total_num_scheduled_tokens)
-        for new in scheduler_output.scheduled_new_reqs:
+        t0 = time.perf_counter()
+        so = scheduler_output
+        total = int(so.total_num_scheduled_tokens)
+        start: dict[str, int] = {}
+        for new in so.scheduled_new_reqs:
             n_prompt = len(new.prompt_token_ids) if new.prompt_token_ids is not None else None
             if n_prompt is None:  # prompt embeddings: the runner's own state knows the length
                 n_prompt = int(runner.requests[new.req_id].num_prompt_tokens)
             self.prompt_lens[new.req_id] = n_prompt
-        start: dict[str, int] = {new.req_id: int(new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs}
-        cached = scheduler_output.scheduled_cached_reqs
-        for rid, done in zip(cached.req_ids, cached.num_computed_tokens):
-            start[rid] = int(done)
-        order = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
-        counts = [int(scheduler_output.num_scheduled_tokens[rid]) for rid in order]
-        if sum(counts) != total:
+            start[new.req_id] = int(new.num_computed_tokens)
+        cached = so.scheduled_cached_reqs
+        start.update(zip(cached.req_ids, cached.num_computed_tokens))
+        ib = runner.input_batch
+        order = ib.req_ids[: ib.num_reqs]
+        nst = so.num_scheduled_tokens
+        n = len(order)
+        counts = np.fromiter((nst.get(r, 0) for r in order), np.int64, n)
+        if int(counts.sum()) != total:
             raise RuntimeError(
-                f"moeplace capture: input batch has {sum(counts)} scheduled tokens, scheduler says {total}; "
+                f"moeplace capture: input batch has {int(counts.sum())} scheduled tokens, scheduler says {total}; "
                 "the row -> request mapping would be wrong"
             )
-        if total > self.max_tokens:
-            raise RuntimeError(f"moeplace capture: step of {total} tokens exceeds the capture buffer ({self.max_tokens})")
-        req_index = np.empty(total, np.int32)
-        positions = np.empty(total, np.int32)
-        is_prefill = np.empty(total, np.bool_)
-        row = 0
-        for rid, n in zip(order, counts):
-            if n == 0:
-                continue
-            pos = np.arange(start[rid], start[rid] + n, dtype=np.int32)
-            req_index[row : row + n] = self._req(rid)
-            positions[row : row + n] = pos
-            is_prefill[row : row + n] = pos < self.prompt_lens[rid]
-            row += n
+        live = counts > 0
+        order = [r for r, keep in zip(order, live) if keep]
+        counts = counts[live]
+        first = np.fromiter((start[r] for r in order), np.int64, len(order))
+        plen = np.fromiter((self.prompt_lens[r] for r in order), np.int64, len(order))
+        req = np.fromiter((self._req(r) for r in order), np.int32, len(order))
         with torch.no_grad():
-            ids = torch.stack([b[:total] for b in self.ids_bufs], dim=1).numpy().copy()
+            rows = torch.cat(self.row_counts).numpy()
+            if (rows < total).any():
+                layer = self.layer_ids[int(np.argmin(rows))]
+                raise RuntimeError(
+                    f"moeplace capture: layer {layer} routed {int(rows.min())} rows in a step of {total} tokens "
+                    "(capture callback missing from the compiled graph, or tokens split across ranks)"
+                )
+            for r in self.row_counts:
+                r.fill_(-1)  # the next step must write it again
+            ids = torch.stack([b[:total] for b in self.ids_bufs], dim=1).numpy()
             weights = None
             if self.weight_bufs is not None:
-                weights = torch.stack([b[:total] for b in self.weight_bufs], dim=1).numpy().copy()
-        self.chunks.append(_Chunk(ids, weights, req_index, positions, is_prefill))
+                weights = torch.stack([b[:total] for b in self.weight_bufs], dim=1).numpy()
+        # Row i belongs to request req[j] for the j whose block holds i; its position is the
+        # request's first position plus the offset inside the block.
+        block_start = np.cumsum(counts) - counts
+        owner = np.repeat(np.arange(len(order)), counts)
+        positions = (first[owner] + np.arange(total) - block_start[owner]).astype(np.int32)
+        self.chunks.append(_Chunk(ids, weights, req[owner], positions, positions < plen[owner]))
         self.steps += 1
-        for rid in scheduler_output.finished_req_ids:
+        for rid in so.finished_req_ids:
             self.prompt_lens.pop(rid, None)
+        self.host_seconds += time.perf_counter() - t0
 
     def drain(self) -> dict[str, Any]:
         """Everything recorded since the last drain, as plain arrays (then forgotten here)."""
@@ -240,6 +261,7 @@ class _CaptureState:
         packed: dict[str, Any] = {k: pack_array(v) for k, v in out.items()}
         packed["req_names"] = list(self.req_names)
         packed["steps"] = self.steps
+        packed["host_seconds"] = self.host_seconds
         self.reset()
         return packed
 
@@ -278,6 +300,10 @@ def install(worker) -> _CaptureState | None:
         # Every TP/EP rank computes the same routing for every token (no all2all on this path);
         # one copy is enough.
         return None
+    pc = worker.vllm_config.parallel_config
+    if pc.data_parallel_size > 1 or pc.pipeline_parallel_size > 1:
+        # DP splits tokens across engines; PP leaves later layers on other ranks.
+        raise CaptureError("moeplace capture: data or pipeline parallelism is not supported (use TP [+ EP])")
     if worker.vllm_config.speculative_config is not None:
         raise CaptureError("moeplace capture: speculative decoding is not supported (rejected draft tokens are routed too)")
     runner = worker.model_runner
@@ -292,7 +318,7 @@ def install(worker) -> _CaptureState | None:
     K = top_k.pop()
     max_tokens = int(runner.max_num_tokens)
     want_weights = bool(cfg.get("weights", False))
-    ids_bufs, weight_bufs = [], ([] if want_weights else None)
+    ids_bufs, row_counts, weight_bufs = [], [], ([] if want_weights else None)
     for m in moe:
         router = m.router
         if not isinstance(router, BaseRouter):
@@ -300,8 +326,10 @@ def install(worker) -> _CaptureState | None:
         if m.is_monolithic:
             raise CaptureError(f"moeplace capture: layer {m.layer_id}: monolithic MoE kernels route inside the kernel")
         buf = torch.zeros(max_tokens, K, dtype=torch.int16)
-        router.set_capture_fn(_CopyIds(buf))
+        rows = torch.full((1,), -1, dtype=torch.int64)
+        router.set_capture_fn(_CopyIds(buf, rows))
         ids_bufs.append(buf)
+        row_counts.append(rows)
         if want_weights:
             wbuf = torch.zeros(max_tokens, K, dtype=torch.float16)
             router._compute_routing = _CopyWeights(router._compute_routing, wbuf)
@@ -315,6 +343,7 @@ def install(worker) -> _CaptureState | None:
         max_tokens=max_tokens,
         ids_bufs=ids_bufs,
         weight_bufs=weight_bufs,
+        row_counts=row_counts,
     )
     original = runner.execute_model
 
@@ -340,6 +369,10 @@ class CaptureWorkerExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`) for `LLM.collective_rpc` calls.
 
     Ranks without capture (rank != 0, or capture not requested) answer None."""
+
+    def moeplace_capture_info(self) -> dict[str, Any] | None:
+        state = getattr(self, "_moeplace_capture", None)
+        return None if state is None else state.info()
 
     def moeplace_capture_start(self) -> dict[str, Any] | None:
         state = getattr(self, "_moeplace_capture", None)

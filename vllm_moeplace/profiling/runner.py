@@ -13,7 +13,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +49,8 @@ class ProfileOptions:
             raise ProfileError("--enable-prefix-caching: cached prefix tokens never reach the router; profiling turns it off")
         if ek.get("worker_extension_cls") not in (None, capture.EXTENSION_CLS):
             raise ProfileError(f"worker_extension_cls={ek['worker_extension_cls']!r}: profiling needs its own ({capture.EXTENSION_CLS})")
+        if (ek.get("data_parallel_size") or 1) > 1 or (ek.get("pipeline_parallel_size") or 1) > 1:
+            raise ProfileError("data / pipeline parallelism is not supported while profiling (use TP [+ EP])")
         if ek.get("speculative_config"):
             raise ProfileError("speculative decoding is not supported while profiling (rejected drafts are routed too)")
 
@@ -159,92 +160,120 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
+class ProfileSession:
+    """One vLLM engine, with or without capture, that can run the profiling pass several times
+    (the benchmark compares passes on warm engines). Use as a context manager."""
+
+    def __init__(self, opts: ProfileOptions, *, with_capture: bool = True) -> None:
+        opts.check()
+        self.opts = opts
+        self.with_capture = with_capture
+        self.engine_kwargs = _engine_kwargs(opts, with_capture)
+        self.llm: Any = None
+        self.info: dict[str, Any] | None = None
+        self.init_seconds = 0.0
+
+    def __enter__(self) -> "ProfileSession":
+        saved = os.environ.get(capture.ENV_FLAG)
+        t0 = time.perf_counter()
+        try:
+            if self.with_capture:
+                os.environ[capture.ENV_FLAG] = "1"
+                # Idempotent; makes forked (not spawned) engine processes inherit the hook even
+                # when vLLM already loaded its plugins in this process without capture.
+                capture.register()
+            else:
+                os.environ.pop(capture.ENV_FLAG, None)
+            from vllm import LLM
+
+            self.llm = LLM(self.opts.model, **self.engine_kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop(capture.ENV_FLAG, None)
+            else:
+                os.environ[capture.ENV_FLAG] = saved
+        self.init_seconds = time.perf_counter() - t0
+        if self.with_capture:
+            infos = [i for i in self.llm.collective_rpc("moeplace_capture_info") if i is not None]
+            if len(infos) != 1:
+                _shutdown(self.llm)
+                raise ProfileError(
+                    f"expected the capture on exactly one worker, found {len(infos)} "
+                    "(is vllm-moeplace installed so vLLM sees its 'moeplace_capture' plugin entry point?)"
+                )
+            self.info = infos[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.llm is not None:
+            _shutdown(self.llm)
+            self.llm = None
+
+    def run(self, prompts: list[PromptRecord], progress: bool = True) -> tuple[int, int, float, list[dict[str, Any]]]:
+        """One pass over `prompts`: (prompt tokens, generated tokens, seconds, worker drains).
+
+        Recording is armed (and anything older discarded) right before the first request, so
+        the engine's own dummy / warm-up batches never appear in the trace."""
+        if self.with_capture:
+            self.llm.collective_rpc("moeplace_capture_start")
+        (prompt_tokens, generated), seconds = _generate(self.llm, self.opts, prompts, progress)
+        drained: list[dict[str, Any]] = []
+        if self.with_capture:
+            self.llm.collective_rpc("moeplace_capture_stop")
+            drained = [d for d in self.llm.collective_rpc("moeplace_capture_drain") if d is not None]
+        return prompt_tokens, generated, seconds, drained
+
+    def trace(self, prompts: list[PromptRecord], drained: list[dict[str, Any]], seconds: float) -> Trace:
+        import vllm
+
+        info = self.info
+        assert info is not None
+        ek = self.engine_kwargs
+        labels = [p.label or "" for p in prompts] if any(p.label is not None for p in prompts) else None
+        meta = {
+            "model": self.opts.model,
+            "source": "vllm-profile",
+            "top_k": info["top_k"],
+            "vllm_version": vllm.__version__,
+            "engine_options": _json_safe({k: v for k, v in ek.items() if k != "worker_extension_cls"}),
+            "max_tokens": self.opts.max_tokens,
+            "ignore_eos": self.opts.ignore_eos,
+            "num_prompts": len(prompts),
+            "expert_ids": "logical",
+            "placement_plan": (ek.get("additional_config") or {}).get("moe_placement_plan"),
+            "ids_remapped_by_plan_layers": info.get("ids_remapped_by_plan", []),
+            "capture": {
+                "mechanism": "BaseRouter.set_capture_fn on global rank 0",
+                "buffer_rows": info["max_tokens"],
+                "buffer_bytes": info["buffer_bytes"],
+            },
+            "generation_seconds": round(seconds, 3),
+        }
+        return assemble_trace(
+            drained,
+            num_requests=len(prompts),
+            layer_ids=info["layer_ids"],
+            num_experts=info["num_experts"],
+            labels=labels,
+            meta=meta,
+            with_weights=self.opts.topk_weights,
+        )
+
+
 def run_profile(
     opts: ProfileOptions,
     prompts: list[PromptRecord],
     *,
     with_capture: bool = True,
     progress: bool = True,
-    on_engine: Callable[[Any], None] | None = None,
 ) -> ProfileResult:
-    """Start vLLM, run every prompt (greedy, `max_tokens` new tokens), return the captured trace."""
-    opts.check()
+    """Start vLLM, run every prompt once (greedy, `max_tokens` new tokens), return the trace."""
     if not prompts:
         raise ProfileError("no prompts to profile")
-    ek = _engine_kwargs(opts, with_capture)
-    saved = os.environ.get(capture.ENV_FLAG)
-    t0 = time.perf_counter()
-    try:
-        if with_capture:
-            os.environ[capture.ENV_FLAG] = "1"
-            # Idempotent; makes forked (not spawned) engine processes inherit the hook even when
-            # vLLM already loaded its plugins in this process without capture.
-            capture.register()
-        else:
-            os.environ.pop(capture.ENV_FLAG, None)
-        from vllm import LLM
-
-        llm = LLM(opts.model, **ek)
-    finally:
-        if saved is None:
-            os.environ.pop(capture.ENV_FLAG, None)
-        else:
-            os.environ[capture.ENV_FLAG] = saved
-    init_s = time.perf_counter() - t0
-    try:
-        if on_engine is not None:
-            on_engine(llm)
-        info = None
-        if with_capture:
-            infos = [i for i in llm.collective_rpc("moeplace_capture_start") if i is not None]
-            if len(infos) != 1:
-                raise ProfileError(
-                    f"expected the capture on exactly one worker, found {len(infos)} "
-                    "(is vllm-moeplace installed so vLLM sees its 'moeplace_capture' plugin entry point?)"
-                )
-            info = infos[0]
-        result_tokens, seconds = _generate(llm, opts, prompts, progress)
-        drained = []
-        if with_capture:
-            llm.collective_rpc("moeplace_capture_stop")
-            drained = [d for d in llm.collective_rpc("moeplace_capture_drain") if d is not None]
-    finally:
-        _shutdown(llm)
-    prompt_tokens, generated = result_tokens
-    if not with_capture:
-        return ProfileResult(None, seconds, prompt_tokens, generated, init_s)
-    assert info is not None
-    import vllm
-
-    labels = None
-    if any(p.label is not None for p in prompts):
-        labels = [p.label or "" for p in prompts]
-    meta = {
-        "model": opts.model,
-        "source": "vllm-profile",
-        "top_k": info["top_k"],
-        "vllm_version": vllm.__version__,
-        "engine_options": _json_safe({k: v for k, v in ek.items() if k != "worker_extension_cls"}),
-        "max_tokens": opts.max_tokens,
-        "ignore_eos": opts.ignore_eos,
-        "num_prompts": len(prompts),
-        "expert_ids": "logical",
-        "placement_plan": (ek.get("additional_config") or {}).get("moe_placement_plan"),
-        "ids_remapped_by_plan_layers": info.get("ids_remapped_by_plan", []),
-        "capture": {"mechanism": "BaseRouter.set_capture_fn on global rank 0", "buffer_rows": info["max_tokens"],
-                    "buffer_bytes": info["buffer_bytes"]},
-        "generation_seconds": round(seconds, 3),
-    }
-    trace = assemble_trace(
-        drained,
-        num_requests=len(prompts),
-        layer_ids=info["layer_ids"],
-        num_experts=info["num_experts"],
-        labels=labels,
-        meta=meta,
-        with_weights=opts.topk_weights,
-    )
-    return ProfileResult(trace, seconds, prompt_tokens, generated, init_s)
+    with ProfileSession(opts, with_capture=with_capture) as session:
+        prompt_tokens, generated, seconds, drained = session.run(prompts, progress)
+        trace = session.trace(prompts, drained, seconds) if with_capture else None
+    return ProfileResult(trace, seconds, prompt_tokens, generated, session.init_seconds)
 
 
 def _generate(llm, opts: ProfileOptions, prompts: list[PromptRecord], progress: bool) -> tuple[tuple[int, int], float]:
