@@ -1,0 +1,1 @@
+"""Serving benchmark: real `vllm serve` processes driven over HTTP on loopback."""

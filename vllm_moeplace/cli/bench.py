@@ -1,0 +1,40 @@
+"""`moeplace bench`: serve a model with vLLM's default layout and with plans; compare."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder (e.g. from `moeplace tiny-model`)")
+    p.add_argument("--plan", action="append", default=[], type=Path, help="placement plan (repeatable)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="prompt file (JSON lines with prompt/label, or text); default: the embedded prompt set")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--ranks-per-node", type=int, default=1, help="virtual topology for traffic counting")
+    p.add_argument("--out", type=Path, required=True, help="output folder (report, results JSON, traces, logs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_moeplace.bench.serve_bench import run_benchmark
+    from vllm_moeplace.profiling.prompts import read_prompts
+    from vllm_moeplace.tiny_model import default_prompts
+
+    if args.prompts is None:
+        records = default_prompts()
+        prompts, labels = [r["prompt"] for r in records], [r["label"] for r in records]
+    else:
+        recs = read_prompts(args.prompts)
+        prompts, labels = [r.prompt for r in recs], [r.label or "" for r in recs]
+    res = run_benchmark(args.model, args.plan, prompts, out_dir=args.out, labels=labels,
+                        max_tokens=args.max_tokens, concurrency=args.concurrency, ranks_per_node=args.ranks_per_node)
+    print((args.out / "serving_report.md").read_text())
+    bad = [n for n, x in res["layouts"].items() if not (x["tokens_identical_to_default"] and x["agrees_within_1pct"])]
+    if bad:
+        print(f"moeplace bench: FAILED checks for {bad} (tokens differ from the default layout, or counted traffic "
+              "disagrees with moeplace evaluate)")
+        return 1
+    print(f"report: {args.out / 'serving_report.md'}")
+    return 0

@@ -1,0 +1,136 @@
+"""`moeplace demo`: the main job, end to end, on the embedded default.
+
+tiny model -> profile it in vLLM (TP2 + EP) -> solve a placement from the profiled trace ->
+serve with vLLM's default layout and with the plan, same workload, and check the tokens are
+identical -> count the traffic each layout needed -> solve and score a cluster-scale placement on
+the shared real DeepSeek-V2-Lite trace -> one report.
+
+Every stage runs as the `moeplace` command a user would type (printed, and written into the
+report), so each figure in the report comes with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vllm_moeplace.errors import MoeplaceError
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_REAL_TRACE = Path(os.environ.get("MOEPLACE_SHARED_DATA", REPO.parent / "shared" / "data")) / "traces" / "dsv2lite_puffin_a.npz"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    p.add_argument("--real-trace", type=Path, default=DEFAULT_REAL_TRACE,
+                   help="real routing trace for the cluster-scale part (default: the shared DeepSeek-V2-Lite trace)")
+    p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per prompt (profile and bench)")
+    p.add_argument("--solve-time", type=float, default=20.0, help="CP-SAT time limit for the tiny model's plan")
+    p.add_argument("--real-solve-time", type=float, default=60.0, help="time limit for the real-trace plan")
+
+
+class _Stages:
+    def __init__(self, out: Path):
+        self.out = out
+        self.log: list[tuple[str, str, float]] = []
+
+    def run(self, title: str, *args: str, capture: bool = False) -> str:
+        cmd = ["moeplace", *args]
+        shown = " ".join(shlex.quote(a) for a in cmd)
+        print(f"\n=== {title}\n$ {shown}", flush=True)
+        t0 = time.perf_counter()
+        exe = [sys.executable, "-m", "vllm_moeplace", *args]
+        res = subprocess.run(exe, stdout=subprocess.PIPE if capture else None, text=True)
+        dt = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise MoeplaceError(f"demo stage '{title}' failed (exit {res.returncode}): {shown}")
+        self.log.append((title, shown, dt))
+        if capture:
+            return res.stdout
+        return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_moeplace.tiny_model import default_prompts
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    st = _Stages(out)
+    model, trace, plan = out / "model", out / "trace.npz", out / "plan.json"
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in default_prompts()))
+    t_start = time.perf_counter()
+
+    st.run("1. build the tiny model (random weights, local tokenizer)", "tiny-model", "--arch", "qwen3_moe",
+           "--layers", "4", "--experts", "16", "--top-k", "4", "--out", str(model))
+    st.run("2. profile it in vLLM (TP2 + expert parallel, CPU)", "profile", str(model), "--prompts", str(prompts),
+           "--out", str(trace), "--max-tokens", str(args.max_tokens), "--tensor-parallel-size", "2",
+           "--enable-expert-parallel", "--dtype", "float32", "--moe-cpu-ep-fix", "--no-progress")
+    st.run("3. solve a placement for EP2 (each rank its own node)", "solve", "--trace", str(trace), "--ep-size", "2",
+           "--ranks-per-node", "1", "--time-limit", str(args.solve_time), "--train-fraction", "0.5",
+           "--max-imbalance", "1.1", "--deterministic", "--model-name", str(model), "--out", str(plan))
+    st.run("4. serve with the default layout and with the plan; benchmark and compare", "bench", str(model),
+           "--plan", str(plan), "--prompts", str(prompts), "--max-tokens", str(args.max_tokens),
+           "--concurrency", "4", "--out", str(out / "serving"))
+
+    real_section = ["## Cluster scale on a real trace", ""]
+    if args.real_trace.exists():
+        real_plan = out / "real_plan_ep16x4.json"
+        st.run("5. solve EP16 over 4 nodes on the real DeepSeek-V2-Lite trace (first half of requests)", "solve",
+               "--trace", str(args.real_trace), "--ep-size", "16", "--ranks-per-node", "4", "--time-limit",
+               str(args.real_solve_time), "--train-fraction", "0.5", "--deterministic",
+               "--model-name", "deepseek-ai/DeepSeek-V2-Lite-Chat", "--out", str(real_plan))
+        js = st.run("6. score it against vLLM's layouts, EPLB and the co-activation greedy on held-out requests",
+                    "evaluate", "--plan", str(real_plan), "--trace", str(args.real_trace), "--json", capture=True)
+        scores = json.loads(js)
+        (out / "real_trace_scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        real_section += _real_table(scores, st.log[-2][1], st.log[-1][1])
+    else:
+        real_section.append(f"Skipped: real trace {args.real_trace} not found (set MOEPLACE_SHARED_DATA).")
+
+    report = out / "report.md"
+    serving = (out / "serving" / "serving_report.md").read_text()
+    plan_info = json.loads(plan.read_text())["solver"]
+    lines = [
+        "# vllm-moeplace demo report",
+        "",
+        f"Total time {time.perf_counter() - t_start:.0f} s on {os.cpu_count()} cores. Commands, in order:",
+        "",
+        *[f"{i + 1}. `{cmd}` ({dt:.0f} s)" for i, (_, cmd, dt) in enumerate(st.log)],
+        "",
+        "## The tiny model's plan",
+        "",
+        "```json",
+        json.dumps({k: plan_info.get(k) for k in ("method", "objective", "status", "objective_value", "bound", "gap",
+                                                  "train_fraction", "time_s") if k in plan_info}, indent=1),
+        "```",
+        "",
+        serving.replace("# Serving benchmark", "## Serving benchmark", 1),
+        *real_section,
+        "",
+    ]
+    report.write_text("\n".join(lines))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def _real_table(scores: dict, solve_cmd: str, eval_cmd: str) -> list[str]:
+    rows = [
+        f"Plan: `{solve_cmd}`; scores: `{eval_cmd}`. Held-out = requests not used to build any layout.",
+        "",
+        "| layout | node_sends (held-out) | x linear | rank_sends | imbalance |",
+        "|---|---|---|---|---|",
+    ]
+    lin = scores.get("linear", {}).get("held_out", {}).get("node_sends")
+    for name, s in scores.items():
+        h = s["held_out"]
+        ratio = f"{h['node_sends'] / lin:.3f}" if lin else "-"
+        label = "moeplace solve" if s.get("kind") == "plan" else name
+        rows.append(f"| {label} | {h['node_sends']:.3f} | {ratio} | {h['rank_sends']:.3f} | {h['imbalance']:.3f} |")
+    return rows
