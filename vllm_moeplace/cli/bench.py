@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vllm_moeplace.errors import MoeplaceError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model folder (e.g. from `moeplace tiny-model`)")
     p.add_argument("--plan", action="append", default=[], type=Path, help="placement plan (repeatable)")
     p.add_argument("--prompts", type=Path, default=None,
                    help="prompt file (JSON lines with prompt/label, or text); default: the embedded prompt set")
+    p.add_argument("--repeat", type=int, default=4, help="send the prompt set this many times (a longer measurement)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--ranks-per-node", type=int, default=1, help="virtual topology for traffic counting")
@@ -28,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         recs = read_prompts(args.prompts)
         prompts, labels = [r.prompt for r in recs], [r.label or "" for r in recs]
+    if args.repeat < 1:
+        raise MoeplaceError(f"--repeat must be >= 1, got {args.repeat}")
+    prompts, labels = prompts * args.repeat, labels * args.repeat
     res = run_benchmark(args.model, args.plan, prompts, out_dir=args.out, labels=labels,
                         max_tokens=args.max_tokens, concurrency=args.concurrency, ranks_per_node=args.ranks_per_node)
     print((args.out / "serving_report.md").read_text())

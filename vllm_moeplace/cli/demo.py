@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
            "--max-imbalance", "1.1", "--deterministic", "--model-name", str(model), "--out", str(plan))
     st.run("4. serve with the default layout and with the plan; benchmark and compare", "bench", str(model),
            "--plan", str(plan), "--prompts", str(prompts), "--max-tokens", str(args.max_tokens),
-           "--concurrency", "4", "--out", str(out / "serving"))
+           "--concurrency", "4", "--repeat", "4", "--out", str(out / "serving"))
 
     real_section = ["## Cluster scale on a real trace", ""]
     if args.real_trace.exists():
