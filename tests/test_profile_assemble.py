@@ -155,3 +155,26 @@ def test_cli_refuses_prefix_caching(tmp_path):
         capture_output=True, text=True,
     )
     assert res.returncode == 2 and "prefix" in res.stderr
+
+
+def test_cli_engine_options_reach_vllm_kwargs():
+    import argparse
+
+    from vllm_moeplace.cli import profile as cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args([
+        "m", "--prompts", "p", "--out", "o", "-tp", "2", "--enable-expert-parallel", "--dtype", "float32",
+        "--additional-config", '{"x": 1}', "--moe-placement-plan", "plan.json", "--moe-cpu-ep-fix",
+        "--engine-arg", "kv_cache_dtype=auto", "--engine-arg", "max-num-seqs=8",
+    ])
+    assert cli.engine_kwargs(args) == {
+        "tensor_parallel_size": 2, "enable_expert_parallel": True, "dtype": "float32", "kv_cache_dtype": "auto",
+        "max_num_seqs": 8,
+        "additional_config": {"x": 1, "moe_placement_plan": "plan.json", "moe_cpu_ep_fix": True},
+    }
+    bare = cli.engine_kwargs(p.parse_args(["m", "--prompts", "p", "--out", "o"]))
+    assert bare == {}  # nothing forced on vLLM that the user did not ask for
+    with pytest.raises(Exception, match="JSON object"):
+        cli.engine_kwargs(p.parse_args(["m", "--prompts", "p", "--out", "o", "--additional-config", "[1]"]))

@@ -54,9 +54,9 @@ _DIRECT = ("tensor_parallel_size", "enable_expert_parallel", "dtype", "enforce_e
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     ek: dict[str, Any] = {k: getattr(args, k) for k in _DIRECT if getattr(args, k) is not None}
-    extra = dict(args.additional_config or {})
     if not isinstance(args.additional_config or {}, dict):
         raise MoeplaceError(f"--additional-config: expected a JSON object, got {args.additional_config!r}")
+    extra = dict(args.additional_config or {})
     if args.moe_placement_plan:
         extra["moe_placement_plan"] = args.moe_placement_plan
     if args.moe_cpu_ep_fix:
