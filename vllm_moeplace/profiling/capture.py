@@ -10,8 +10,10 @@ How it works (vLLM 0.32/0.33 CPU and GPU model runner V1):
 2. `install(worker)` binds, on global rank 0 only, one callback per MoE layer through vLLM's own
    hook `BaseRouter.set_capture_fn`: the callback copies the router's top-k ids (logical ids,
    taken before any EPLB mapping) into a preallocated int16 buffer of that layer,
-   [max_num_batched_tokens, K]. The callback is a single `copy_` into a tensor: torch.compile
-   traces it into the graph as an input mutation (no Python side effect, no I/O, no graph break).
+   [max_num_batched_tokens, K], and writes the row count into a one-element counter. Both are
+   in-place ops on tensors: torch.compile traces them into the graph as input mutations (no
+   Python side effect, no I/O, no graph break). The host checks the counters every step, so a
+   callback missing from a compiled graph stops the run instead of recording stale rows.
    With `--topk-weights` the router's `_compute_routing` is wrapped the same way to copy the
    weights (float16) too.
 3. The model runner's `execute_model` is wrapped (outside the compiled graph): after each real
@@ -20,15 +22,16 @@ How it works (vLLM 0.32/0.33 CPU and GPU model runner V1):
    Rows are laid out as the model runner builds its input batch: requests in
    `input_batch.req_ids` order, each request's scheduled tokens contiguous, positions starting at
    the request's `num_computed_tokens` (taken from the scheduler output). A token is prefill iff
-   its position is < the request's prompt length. Dummy / profile / warm-up forwards never pass
+   its position is < the request's prompt length. With a placement plan active the router emits
+   physical ids; they are mapped back to logical ids with the serving plugin's map at drain. Dummy / profile / warm-up forwards never pass
    through `execute_model`, and recording only starts when the driver calls
    `moeplace_capture_start` after engine init.
 4. The driver pulls the chunks with `LLM.collective_rpc("moeplace_capture_drain")` through
    `CaptureWorkerExtension` (passed as `worker_extension_cls`).
 
 Memory: the in-graph buffers are fixed, L x max_num_batched_tokens x K x 2 bytes (x 2 more with
-weights); the host side grows only with tokens x L x K (int16, + float16 weights) plus 8 bytes of
-(request, position) per token.
+weights) + 8 x L bytes of counters; the host side grows only with tokens x L x K (int16,
++ float16 weights) plus 9 bytes of (request, position, prefill) per token.
 
 Heavy imports (vllm, torch) only inside functions: this module is imported by the plugin loader of
 every vLLM process and by the CLI.
