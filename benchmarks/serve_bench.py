@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,11 @@ from _common import ROOT, command, commit, loadavg, machine  # noqa: E402
 
 def moeplace(*args: str) -> None:
     print("$ moeplace " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "vllm_moeplace", *args], check=True)
+    from vllm_moeplace.bench.server import CPU_ENV
+
+    # TP2 on CPU: one core per worker (vLLM's automatic binding asserts on a 2-core machine)
+    env = {**os.environ, **CPU_ENV, **{k: os.environ[k] for k in CPU_ENV if k in os.environ}}
+    subprocess.run([sys.executable, "-m", "vllm_moeplace", *args], check=True, env=env)
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_moeplace.bench.server import CPU_ENV
 from vllm_moeplace.errors import MoeplaceError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +40,9 @@ class _Stages:
     def __init__(self, out: Path):
         self.out = out
         self.log: list[tuple[str, str, float]] = []
+        # Every vLLM stage here is TP2 on CPU; on a 2-core machine vLLM's automatic OpenMP
+        # binding asserts ("Not enough allowed NUMA nodes"), so bind one core per worker.
+        self.env = {**os.environ, **CPU_ENV, **{k: os.environ[k] for k in CPU_ENV if k in os.environ}}
 
     def run(self, title: str, *args: str, capture: bool = False) -> str:
         cmd = ["moeplace", *args]
@@ -46,7 +50,7 @@ class _Stages:
         print(f"\n=== {title}\n$ {shown}", flush=True)
         t0 = time.perf_counter()
         exe = [sys.executable, "-m", "vllm_moeplace", *args]
-        res = subprocess.run(exe, stdout=subprocess.PIPE if capture else None, text=True)
+        res = subprocess.run(exe, stdout=subprocess.PIPE if capture else None, text=True, env=self.env)
         dt = time.perf_counter() - t0
         if res.returncode != 0:
             raise MoeplaceError(f"demo stage '{title}' failed (exit {res.returncode}): {shown}")
