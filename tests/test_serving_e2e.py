@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,6 +184,10 @@ def test_vllm_serve_with_plan_over_http(setup, tmp_path):
         assert ids == setup.runs["default_tp2"]["token_ids"]
         text = (tmp_path / "serve.log").read_text()
         assert "vllm-moeplace: placed experts of 2 layers" in text
+        # one line per EP rank, with the plan's hash (what deploy/check_applied.sh verifies)
+        placed = [ln for ln in text.splitlines() if "vllm-moeplace: placed experts" in ln]
+        assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]
+        assert all(re.search(r"sha256=[0-9a-f]{12}\b", ln) for ln in placed)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -227,11 +227,23 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
         del loader.get_all_weights
     remapper.check_complete()
     verify_physical_layout(model, plan)
+    # One line per rank, with the rank and the plan's hash: deploy/check_applied.sh reads these
+    # from every node's log to prove the whole EP group serves the same plan.
     logger.info(
-        "vllm-moeplace: placed experts of %d layers per %s (%d expert tensors renamed)",
-        len(plan.layers), plan.source, remapper.renamed,
+        "vllm-moeplace: placed experts of %d layers per %s (%d expert tensors renamed) ep_rank=%d/%d sha256=%s",
+        len(plan.layers), plan.source, remapper.renamed, _ep_rank(), plan.ep_size, (req.plan_sha256 or "")[:12],
     )
     return model
+
+
+def _ep_rank() -> int:
+    """This worker's rank in the expert-parallel group (-1 if vLLM cannot tell)."""
+    try:
+        from vllm.distributed.parallel_state import get_ep_group
+
+        return int(get_ep_group().rank_in_group)
+    except Exception:  # noqa: BLE001 - a log field must never fail a load
+        return -1
 
 
 def verify_physical_layout(model: Any, plan: Any) -> None:
