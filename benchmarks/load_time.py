@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
+
+from _common import machine  # noqa: E402  (benchmarks/ is sys.path[0])
 import time
 from pathlib import Path
 
@@ -33,12 +34,6 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPA
 LOAD_RE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-        if line.startswith("Model name:"):
-            cpu = line.split(":", 1)[1].strip()
-    return f"{platform.machine()}, nproc = {os.cpu_count()}, {cpu}"
 
 
 def one_run(model: Path, out: Path, plan: Path | None) -> dict:

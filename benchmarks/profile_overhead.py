@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
+
+from _common import machine  # noqa: E402  (benchmarks/ is sys.path[0])
 import tempfile
 import time
 from pathlib import Path
@@ -34,15 +34,6 @@ MODELS = {
 }
 
 
-def _machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()}, `nproc` = {os.cpu_count()}, {cpu}"
 
 
 def _load() -> str:
@@ -108,7 +99,7 @@ def main() -> int:
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `benchmarks/profile_overhead.py`.",
         "",
         f"- Command: `{cmd}`",
-        f"- Machine: {_machine()}; load average (1/5/15 min) before {load_before}, after {load_after}",
+        f"- Machine: {machine()}; load average (1/5/15 min) before {load_before}, after {load_after}",
         f"- Workload per pass: {len(prompts)} prompts ({args.prompt_copies} x the embedded default set), "
         f"{args.max_tokens} new tokens each (greedy, ignore_eos), float32, max_num_seqs {args.max_num_seqs}, "
         f"{'enforce_eager' if args.enforce_eager else 'torch.compile (vLLM CPU default)'}; "

@@ -18,7 +18,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -111,12 +110,7 @@ def cpsat_layers(train: Trace, topo: Topology, seconds: float, default: float = 
 
 
 def available_layouts() -> list[str]:
-    names = list(LAYOUTS)
-    try:
-        import vllm_moeplace.solver.pipeline  # noqa: F401
-    except ImportError:
-        names.remove("cpsat")
-    return names
+    return list(LAYOUTS)
 
 
 def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log) -> list[Row]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
+
+from _common import loadavg, machine  # noqa: E402  (benchmarks/ is sys.path[0])
 import time
 from pathlib import Path
 
@@ -27,9 +28,6 @@ DSV2 = ROOT.parent / "shared" / "data" / "traces" / "dsv2lite_puffin_a.npz"
 L4 = ROOT.parent / "shared" / "data" / "raw" / "orders-in-chaos-llama4-mmlu-abstract_algebra"
 
 
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines() if l.startswith("Model name")), platform.processor())
-    return f"nproc {os.cpu_count()}, CPU {cpu}, load {os.getloadavg()}"
 
 
 def rows_for(trace, R, G, caps, time_limit, redundant=0, inter=()):
@@ -68,7 +66,7 @@ def main() -> int:
     ap.add_argument("--caps", type=float, nargs="+", default=[1.02, 1.05, 1.10, 1.15])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solver_heldout.md"))
     args = ap.parse_args()
-    lines = ["# Held-out placement quality", "", f"Command: `flock /tmp/moeplace-heavy.lock python {' '.join(sys.argv)}`", "", f"Code: commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}. Machine: {machine()} (at start)", ""]
+    lines = ["# Held-out placement quality", "", f"Command: `flock /tmp/moeplace-heavy.lock python {' '.join(sys.argv)}`", "", f"Code: commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}. Machine: {machine()}, load {loadavg()} (at start)", ""]
     trace = load_trace(DSV2)
     for R, G, label, more in ((16, 4, "EP16 over 4 nodes", []), (8, 1, "EP8 over 8 nodes", [1.25])):
         rows = rows_for(trace, R, G, args.caps + more, args.time_limit, inter=[(1.05, 0.5)])

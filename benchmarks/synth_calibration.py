@@ -15,11 +15,11 @@ Prints and writes benchmarks/results/synth_calibration.md:
 
 from __future__ import annotations
 
-import os
-import platform
 import resource
 import subprocess
 import sys
+
+from _common import loadavg, machine  # noqa: E402  (benchmarks/ is sys.path[0])
 import time
 from pathlib import Path
 
@@ -64,23 +64,13 @@ print(dt, hwm / 1024, tr.topk_ids.nbytes / 2**20)
 """
 
 
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return f"nproc {os.cpu_count()}, CPU {cpu}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
 
 
 def main() -> int:
     if not REAL.exists():
         print(f"real trace not found at {REAL}", file=sys.stderr)
         return 1
-    mach_before = machine()
+    mach_before = f"{machine()}, load average {loadavg()}"
     real = load_trace(REAL)
     rows: dict[str, dict[str, float]] = {"real DeepSeek-V2-Lite": {**routing_summary(real), **placement_gain(real)}}
     for seed in (0, 1, 2):

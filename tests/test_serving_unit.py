@@ -5,7 +5,6 @@ the plugin's registration and CLI flags, the `vllm` launcher and `moeplace rando
 from __future__ import annotations
 
 import json
-import re
 from types import SimpleNamespace
 
 import numpy as np

@@ -30,11 +30,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.jsonio import read_json
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PLAN_FORMAT = "vllm-moeplace/plan"
@@ -303,16 +304,7 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and validate a plan file. Every failure is a PlanError naming the file."""
-    src = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise PlanError(f"{src}: cannot read plan file: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return parse_plan(data, source=src)
+    return parse_plan(read_json(path, "plan file", PlanError), source=str(path))
 
 
 def validate_plan(plan: Plan) -> None:

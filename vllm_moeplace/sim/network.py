@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.jsonio import read_json
 
 
 class SimParamsError(MoeplaceError):
@@ -130,13 +130,4 @@ def parse_params(data: object, source: str = "<sim params>") -> SimParams:
 
 def load_params(path: str | os.PathLike) -> SimParams:
     """Read and validate a parameter file; every failure is a SimParamsError naming the file."""
-    src = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise SimParamsError(f"{src}: cannot read simulator parameter file: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SimParamsError(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return parse_params(data, src)
+    return parse_params(read_json(path, "simulator parameter file", SimParamsError), str(path))

@@ -61,16 +61,8 @@ def round_robin(E: int, R: int, S: int) -> np.ndarray:
     return np.concatenate([base, extra], axis=1)
 
 
-def greedy_available() -> bool:
-    try:
-        from vllm_moeplace.solver.greedy import coactivation_greedy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def available_baselines() -> list[str]:
-    return [b for b in BASELINES if b != "greedy" or greedy_available()]
+    return list(BASELINES)
 
 
 def baseline_layers(

@@ -256,7 +256,6 @@ def evaluate_layers_reference(layers: dict[int, np.ndarray], topology: Topology,
     placed = _check_inputs(layers, topology, trace)
     E, R = trace.num_experts, topology.ep_size
     node = [int(topology.node_of_rank[r]) for r in range(R)]
-    g = [len(n) for n in topology.nodes]  # noqa: F841  (g_n enters only via the origin average)
     cost = topology.link_cost
     T, L, K = trace.topk_ids.shape
     lids = trace.layer_ids.tolist()

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.plan import NodeGroups, RanksPerNode, Topology, TopologySpec, write_json_atomic
 
 
@@ -58,16 +58,7 @@ def parse_topology(data: object, ep_size: int | None = None, source: str = "<top
 
 def load_topology(path: str | os.PathLike, ep_size: int | None = None) -> Topology:
     """Read a topology file; every failure is a TopologyError naming the file."""
-    src = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise TopologyError(f"{src}: cannot read topology file: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TopologyError(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return parse_topology(data, ep_size, src)
+    return parse_topology(read_json(path, "topology file", TopologyError), ep_size, str(path))
 
 
 def save_topology(path: str | os.PathLike, topology: Topology) -> None:
