@@ -249,9 +249,11 @@ def render_report(r: dict) -> str:
         "Per-rank load ((token, expert) pairs, all layers): "
         + "; ".join(f"{n}: {x['traffic']['rank_load']}" for n, x in r["layouts"].items()),
         "",
-        "On this CPU path every rank computes every token (no all-to-all), so throughput and latency show the "
-        "plugin's cost, not network savings; the traffic columns are what each layout would dispatch on a cluster "
-        "(see benchmarks/results/simulation.md for the time model).",
+        "On this CPU path there is no all-to-all (every rank sees every token and computes its local experts), so "
+        "the timings reflect compute on a small shared machine, not network savings, and short runs vary by several "
+        "percent between runs of the same layout; the plugin itself does no per-token work after loading. The "
+        "traffic columns are what each layout would dispatch on a cluster (benchmarks/results/simulation.md turns "
+        "such counts into time).",
         "",
     ]
     return "\n".join(lines)
