@@ -7,13 +7,13 @@ tests serve with: outputs must equal the default layout's for ANY permutation.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.plan import Plan, Topology
 
 
@@ -22,12 +22,7 @@ def model_moe_info(model_dir: str | Path) -> tuple[str, int, list[int]]:
     from vllm_moeplace.serving.arch import ARCHITECTURES, arch_for
 
     cfg_path = Path(model_dir) / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except OSError as e:
-        raise MoeplaceError(f"{cfg_path}: cannot read model config: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise MoeplaceError(f"{cfg_path}: malformed JSON: {e.msg}") from None
+    raw = read_json(cfg_path, "model config", MoeplaceError)
     arch = arch_for(raw.get("architectures"))
     if arch is None:
         raise MoeplaceError(

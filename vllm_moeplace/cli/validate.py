@@ -11,12 +11,12 @@ Exit status 0 when every plan passes, 2 at the first failure (one line naming fi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.plan import Plan, PlanError, load_plan
 from vllm_moeplace.solver.metrics import check_plan_fits_trace
 from vllm_moeplace.solver.topology_file import describe
@@ -38,12 +38,7 @@ def _namespace(obj: Any) -> Any:
 def load_hf_config(model_dir: str) -> Any:
     """config.json of a model directory as an attribute namespace (what the arch table reads)."""
     path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise MoeplaceError(f"{path}: cannot read model config: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise MoeplaceError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    data = read_json(path, "model config", MoeplaceError)
     if not isinstance(data, dict):
         raise MoeplaceError(f"{path}: expected a JSON object")
     return _namespace(data)
