@@ -25,7 +25,7 @@ step solver     python benchmarks/solver_heldout.py
 step scale      python benchmarks/solver_scale.py
 step scale      python benchmarks/solver_scale.py --only-sweep
 step simulate   python benchmarks/simulate.py
-step load       python benchmarks/load_time.py --repeats 3
-step profile    python benchmarks/profile_overhead.py
+step load       python benchmarks/load_time.py --repeats 7
+step profile    python benchmarks/profile_overhead.py --repeats 5 --out benchmarks/results/profile_overhead.md
 step serving    python benchmarks/serve_bench.py
 echo "done: see benchmarks/results/ and docs/analysis/"
