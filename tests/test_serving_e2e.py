@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from vllm_moeplace.bench.server import VllmServer
 from vllm_moeplace.cli.random_plan import random_plan
 from vllm_moeplace.serving.probe import DEFAULT_PROMPTS
 from vllm_moeplace.serving.worker_ext import checkpoint_fingerprints
@@ -141,58 +138,23 @@ def test_without_flag_vllm_behaves_as_without_plugin(setup):
 
 
 # ------------------------------------------------------------------------------ vllm serve + HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 def test_vllm_serve_with_plan_over_http(setup, tmp_path):
     """Real `vllm serve` (torch.compile ON) with the plan; greedy tokens equal the default layout's."""
     if setup.arch != "qwen3_moe":
         pytest.skip("one architecture is enough for the HTTP path")
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(setup.model), "--host", "127.0.0.1",
-           "--port", str(port), "--tensor-parallel-size", "2", "--enable-expert-parallel", "--dtype", "float32",
-           "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
-           "--moe-placement-plan", str(setup.plan_path)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "server did not become healthy"
-            time.sleep(1)
-        resp = post(f"http://127.0.0.1:{port}/v1/completions", {
+    args = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--dtype", "float32",
+            "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
+            "--moe-placement-plan", str(setup.plan_path)]
+    with VllmServer(str(setup.model), args, log_path=tmp_path / "serve.log", startup_timeout=300) as server:
+        resp = server.post("/v1/completions", {
             "model": str(setup.model), "prompt": DEFAULT_PROMPTS, "max_tokens": 8, "temperature": 0,
             "return_token_ids": True,
         })
-        ids = [c["token_ids"] for c in sorted(resp["choices"], key=lambda c: c["index"])]
-        assert ids == setup.runs["default_tp2"]["token_ids"]
-        text = (tmp_path / "serve.log").read_text()
-        assert "vllm-moeplace: placed experts of 2 layers" in text
-        # one line per EP rank, with the plan's hash (what deploy/check_applied.sh verifies)
-        placed = [ln for ln in text.splitlines() if "vllm-moeplace: placed experts" in ln]
-        assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]
-        assert all(re.search(r"sha256=[0-9a-f]{12}\b", ln) for ln in placed)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    ids = [c["token_ids"] for c in sorted(resp["choices"], key=lambda c: c["index"])]
+    assert ids == setup.runs["default_tp2"]["token_ids"]
+    text = (tmp_path / "serve.log").read_text()
+    assert "vllm-moeplace: placed experts of 2 layers" in text
+    # one line per EP rank, with the plan's hash (what deploy/check_applied.sh verifies)
+    placed = [ln for ln in text.splitlines() if "vllm-moeplace: placed experts" in ln]
+    assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]
+    assert all(re.search(r"sha256=[0-9a-f]{12}\b", ln) for ln in placed)

@@ -67,7 +67,10 @@ class VllmServer:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [vllm_executable(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
-        env = {**os.environ, **CPU_ENV, **self.env}
+        # Plugin state inherited from this process (e.g. a flag parsed earlier exports
+        # VLLM_MOEPLACE_PLAN) must not leak into a server whose flags are given explicitly.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_MOEPLACE_", "MOEPLACE_RUNTIME"))}
+        env = {**inherited, **CPU_ENV, **self.env}
         self._log = open(self.log_path, "w")
         self._log.write("$ " + " ".join(cmd) + "\n")
         self._log.flush()
