@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=60.0, help="total seconds (default 60)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="plan from this share of requests; rest held out")
     p.add_argument("--balance-folds", type=int, default=1, help="also bound the load of each of this many request folds")
+    p.add_argument(
+        "--balance-target", default="train", choices=["train", "expected"],
+        help="train: every layer's train load <= --max-imbalance; expected: mean predicted held-out imbalance <= it",
+    )
+    p.add_argument("--balance-risk", type=float, default=0.0, help="keep this many std of request-sampling noise under the cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="same output for the same seed, regardless of load")
     p.add_argument("--model-name", default=None)
@@ -52,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
             train_fraction=args.train_fraction,
             seed=args.seed,
             balance_folds=args.balance_folds,
+            balance_target=args.balance_target,
+            balance_risk=args.balance_risk,
             deterministic=args.deterministic,
         )
     except ValidationError as e:

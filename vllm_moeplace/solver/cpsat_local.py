@@ -38,6 +38,7 @@ class SwapSearch:
         load: np.ndarray | None = None,
         fold_loads: np.ndarray | None = None,
         fold_caps: np.ndarray | None = None,
+        risk: np.ndarray | None = None,
     ):
         self.inst = inst
         self.U = len(unit_weight)
@@ -57,6 +58,12 @@ class SwapSearch:
         self.fold_loads = np.zeros((0, len(self.a))) if fold_loads is None else np.asarray(fold_loads, dtype=np.float64)
         self.fold_caps = np.zeros((0, self.U)) if fold_caps is None else np.asarray(fold_caps, dtype=np.float64)
         self.fold_unit = np.stack([np.bincount(self.a, weights=fl, minlength=self.U) for fl in self.fold_loads]) if len(self.fold_loads) else np.zeros((0, self.U))
+        # Optional sampling-risk margin: a unit's load must stay under its cap by sqrt(w' Q w),
+        # w its expert indicator, Q [E, E] the (scaled) covariance of expert loads between
+        # request samples (`stats.load_risk`). Held-out loads of experts that fire for the same
+        # requests move together, so the margin steers correlated hot experts apart.
+        self.Q = None if risk is None else np.asarray(risk, dtype=np.float64)
+        self.refresh_risk()
         self.swaps = 0
         # Swaps only between units of the same group (ranks of one node at the rank level).
         self.group = np.zeros(self.U, dtype=np.int64) if unit_group is None else np.asarray(unit_group)
@@ -66,12 +73,40 @@ class SwapSearch:
         return float(((self.cnt > 0) * self.CW).sum() + self.lin[np.arange(len(self.a)), self.a].sum())
 
     def overflow(self) -> float:
-        return float(np.maximum(self.unit_load - self.cap, 0).sum() + np.maximum(self.fold_unit - self.fold_caps, 0).sum())
+        over = np.maximum(self.unit_load + self.margin() - self.cap, 0).sum()
+        return float(over + np.maximum(self.fold_unit - self.fold_caps, 0).sum())
+
+    def margin(self, qv: np.ndarray | None = None) -> np.ndarray:
+        """Per-unit risk margin sqrt(w' Q w) (zeros without a risk matrix)."""
+        if self.Q is None:
+            return np.zeros(self.U)
+        return np.sqrt(np.maximum(self.qv if qv is None else qv, 0.0))
+
+    def refresh_risk(self) -> None:
+        if self.Q is None:
+            self.MQ = self.qv = None
+            return
+        ind = np.zeros((self.U, len(self.a)))
+        ind[self.a, np.arange(len(self.a))] = 1.0
+        self.MQ = ind @ self.Q  # [U, E]: Σ_{e' on u} Q[e', :]
+        self.qv = np.einsum("ue,ue->u", self.MQ, ind)
+
+    def _swap_qv(self, e: int, f: int, ua: int | None = None, ub: int | None = None) -> tuple[float, float]:
+        """w'Qw of e's and f's units (ua, ub; default: their current ones) after exchanging e and f."""
+        ua = self.a[e] if ua is None else ua
+        ub = self.a[f] if ub is None else ub
+        Q, M = self.Q, self.MQ
+        common = Q[e, e] + Q[f, f] - 2 * Q[e, f]
+        return (
+            float(self.qv[ua] - 2 * M[ua, e] + 2 * M[ua, f] + common),
+            float(self.qv[ub] - 2 * M[ub, f] + 2 * M[ub, e] + common),
+        )
 
     def refresh_loads(self) -> None:
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
         for i, fl in enumerate(self.fold_loads):
             self.fold_unit[i] = np.bincount(self.a, weights=fl, minlength=self.U)
+        self.refresh_risk()
 
     def move_deltas(self) -> np.ndarray:
         """float [E, U]: cost change of moving expert e alone to unit u (0 on its own unit)."""
@@ -118,15 +153,25 @@ class SwapSearch:
             fd = self.fold_loads[:, f] - self.fold_loads[:, e]
             self.fold_unit[:, ua] += fd
             self.fold_unit[:, ub] -= fd
+        if self.Q is not None:
+            self.qv[ua], self.qv[ub] = self._swap_qv(e, f, ua, ub)  # a[] is already exchanged
+            dq = self.Q[f] - self.Q[e]
+            self.MQ[ua] += dq
+            self.MQ[ub] -= dq
         self.swaps += 1
 
     def _load_ok(self, e: int, f: int) -> bool:
         ua, ub = self.a[e], self.a[f]
         dl = self.load[f] - self.load[e]
         na, nb = self.unit_load[ua] + dl, self.unit_load[ub] - dl
+        oa, ob = self.unit_load[ua], self.unit_load[ub]
+        if self.Q is not None:
+            qa, qb = self._swap_qv(e, f)
+            na, nb = na + np.sqrt(max(qa, 0.0)), nb + np.sqrt(max(qb, 0.0))
+            oa, ob = oa + np.sqrt(max(self.qv[ua], 0.0)), ob + np.sqrt(max(self.qv[ub], 0.0))
         # A unit may exceed its cap only if it already did and the swap does not make it worse.
-        ok_a = na <= self.cap[ua] + _EPS or na <= self.unit_load[ua] + _EPS
-        ok_b = nb <= self.cap[ub] + _EPS or nb <= self.unit_load[ub] + _EPS
+        ok_a = na <= self.cap[ua] + _EPS or na <= oa + _EPS
+        ok_b = nb <= self.cap[ub] + _EPS or nb <= ob + _EPS
         if not (ok_a and ok_b):
             return False
         for i in range(len(self.fold_loads)):
@@ -146,7 +191,16 @@ class SwapSearch:
             dl = self.load[None, :] - self.load[:, None]  # load change of e's unit when e<->f
             na = self.unit_load[ua] + dl
             nb = self.unit_load[ub] - dl
-            over_now = np.maximum(self.unit_load[ua] - self.cap[ua], 0) + np.maximum(self.unit_load[ub] - self.cap[ub], 0)
+            ma = mb = 0.0
+            if self.Q is not None:
+                # margins after every swap e<->f at once (see _swap_qv)
+                Q, M, qd = self.Q, self.MQ, np.diag(self.Q)
+                common = qd[:, None] + qd[None, :] - 2 * Q
+                me = M[self.a]  # [e, f] -> M[a_e, f]
+                na = na + np.sqrt(np.maximum(self.qv[ua] - 2 * np.diag(me)[:, None] + 2 * me + common, 0))
+                nb = nb + np.sqrt(np.maximum(self.qv[ub] - 2 * np.diag(me)[None, :] + 2 * me.T + common, 0))
+                ma, mb = self.margin()[ua], self.margin()[ub]
+            over_now = np.maximum(self.unit_load[ua] + ma - self.cap[ua], 0) + np.maximum(self.unit_load[ub] + mb - self.cap[ub], 0)
             over_new = np.maximum(na - self.cap[ua], 0) + np.maximum(nb - self.cap[ub], 0)
             for i, fl in enumerate(self.fold_loads):
                 fu, fc = self.fold_unit[i], self.fold_caps[i]

@@ -125,12 +125,15 @@ def reoptimise_units(
         model.add_exactly_one(x[i])  # every expert on exactly one unit
     size = [int((a[experts] == u).sum()) for u in units]
     load_i = np.round(search.load[experts]).astype(np.int64)
+    # The risk margin is not linear: the sub-model keeps the incumbent's margin per unit, and the
+    # exact check after the solve undoes an answer whose true margin breaks a cap.
+    margin = search.margin()
     for j, u in enumerate(units):
         model.add(sum(x[i][j] for i in range(n_e)) == size[j])  # slots are fixed per unit
         if np.isfinite(search.cap[u]):
             fixed = int(np.round(search.unit_load[u] - search.load[experts][a[experts] == u].sum()))
             cur = int(np.round(search.unit_load[u])) - fixed
-            capj = max(int(np.floor(search.cap[u] + 1e-6)) - fixed, cur)  # never stricter than the hint
+            capj = max(int(np.floor(search.cap[u] - margin[u] + 1e-6)) - fixed, cur)  # never stricter than the hint
             model.add(sum(int(load_i[i]) * x[i][j] for i in range(n_e)) <= capj)  # load bound
         for fl, fu, fc in zip(search.fold_loads, search.fold_unit, search.fold_caps):
             if not np.isfinite(fc[u]):
@@ -177,11 +180,12 @@ def reoptimise_units(
     new_j = np.array([next(j for j in range(U) if solver.value(x[i][j])) for i in range(n_e)])
     if np.array_equal(new_j, cur_j):
         return SubResult(name, False, 0.0)
-    before = search.cost()
+    before, over_before = search.cost(), search.overflow()
     old_units = a[experts].copy()
     _apply(search, experts, np.array(units)[new_j])
     delta = search.cost() - before
-    if delta >= -1e-9:  # pruned rows hid a worse true cost: undo
+    # pruned rows hid a worse true cost, or the true risk margin breaks a cap: undo
+    if delta >= -1e-9 or search.overflow() > over_before + 1e-9:
         _apply(search, experts, old_units)
         return SubResult(name, False, 0.0)
     return SubResult(name, True, delta)

@@ -19,7 +19,12 @@ class SolveOptions(BaseModel):
     """Weight of inter_layer_node_sends (nodes a token newly needs at layer l+1); > 0 couples
     layers, which are then solved in order with layer l fixed when placing l+1."""
     max_imbalance: float = Field(default=1.05, ge=1.0)
-    """Hard bound on train max/mean load, per node and per rank (held-out drifts above it)."""
+    """Hard bound on max/mean load; what it bounds depends on balance_target."""
+    balance_target: Literal["train", "expected"] = "train"
+    """train: every layer's train max/mean load, per node and per rank, is <= max_imbalance
+    (held-out drifts above it). expected: the mean over layers of the predicted held-out rank
+    imbalance (request-sampling noise model, `allocate`) is <= max_imbalance; each layer's train
+    cap is chosen from allocate.CAP_GRID to spend that budget where it saves most node_sends."""
     redundant_per_rank: int = Field(default=0, ge=0)
     """Extra expert slots per rank filled with copies of hot experts (evaluated offline)."""
     time_limit: float = Field(default=60.0, gt=0.0)
@@ -29,6 +34,10 @@ class SolveOptions(BaseModel):
     balance_folds: int = Field(default=1, ge=1, le=8)
     """> 1: the train requests are cut into this many folds and every fold must also meet
     max_imbalance at node level (a hedge against balancing one sample's noise)."""
+    balance_risk: float = Field(default=0.0, ge=0.0)
+    """> 0: every node and rank must meet max_imbalance with this many standard deviations of
+    request-sampling noise to spare (`stats.load_risk`): balance that holds on unseen requests,
+    not only on the train ones."""
     seed: int = 0
     deterministic: bool = False
     """Reproducible regardless of load: one CP-SAT worker bounded by deterministic time, and the

@@ -132,3 +132,26 @@ def routing_summary(trace: Trace, min_expected: float = 20.0) -> dict[str, float
         "coact_lift_gt2_share": float(np.mean(shares)),
         "transition_topk_share": float(np.mean(trans)) if trans else 0.0,
     }
+
+
+def load_risk(trace: Trace, l: int) -> np.ndarray:
+    """float [E, E]: covariance of held-out minus train expert loads, in train (token, expert) pairs.
+
+    A unit holding experts S has train load T_S = sum_r c_r[S] over requests r. A held-out sample
+    of requests like the train one sees the share T_S / T instead perturbed by request-sampling
+    noise; by the delta method for a ratio, Var(share_S) * T^2 = sum_r z_r[S]^2 with residuals
+    z_r[e] = c_r[e] - (T_e / T) * K n_r (n_r tokens of request r), and the difference of two such
+    samples has twice that variance. Returns 2 Z'Z, so that sqrt(w' Q w) is one standard
+    deviation of a unit's held-out load for an indicator w. Long requests dominate it, which is
+    the point: they are what makes one half of a trace hot where the other is not.
+    """
+    _check_layer(trace, l)
+    E = trace.num_experts
+    _, req = np.unique(trace.request_ids, return_inverse=True)
+    m = int(req.max()) + 1 if req.size else 0
+    ids = trace.topk_ids[:, l, :].astype(np.int64)
+    c = np.bincount((req[:, None] * E + ids).ravel(), minlength=m * E).reshape(m, E).astype(np.float64)
+    n_pairs = c.sum(axis=1)  # K n_r
+    share = c.sum(axis=0) / max(1.0, n_pairs.sum())
+    z = c - n_pairs[:, None] * share[None, :]
+    return 2.0 * (z.T @ z)

@@ -1,0 +1,187 @@
+"""Balance that holds on unseen requests: the load-risk model, the risk margin in the local search,
+and --balance-target expected (per-layer caps chosen by a knapsack on predicted imbalance)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.plan import Topology, validate_plan
+from vllm_moeplace.solver import allocate, stats
+from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
+from vllm_moeplace.solver.cpsat_local import SwapSearch
+from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.solver.options import SolveOptions
+from vllm_moeplace.solver.pipeline import SolveError, solve
+from vllm_moeplace.trace import Trace
+
+
+def clustered(E=16, L=2, K=2, requests=60, seed=0) -> Trace:
+    """Requests of two 'domains' with different hot experts and very different lengths: the
+    held-out load of a domain's experts moves together."""
+    rng = np.random.default_rng(seed)
+    rows, req = [], []
+    for r in range(requests):
+        dom = r % 2
+        p = np.ones(E)
+        p[dom * (E // 2) : (dom + 1) * (E // 2)] = 6.0
+        p /= p.sum()
+        for _ in range(int(rng.integers(2, 40))):
+            rows.append([rng.choice(E, K, replace=False, p=p) for _ in range(L)])
+            req.append(r)
+    return Trace(
+        topk_ids=np.array(rows, dtype=np.int16),
+        layer_ids=np.arange(1, L + 1, dtype=np.int32),
+        request_ids=np.array(req, dtype=np.int32),
+        is_prefill=np.ones(len(req), dtype=bool),
+        num_experts=E,
+        meta={"model": "synthetic"},
+    )
+
+
+def test_load_risk_is_a_covariance_of_shares():
+    trace = clustered()
+    q = stats.load_risk(trace, 0)
+    assert np.allclose(q, q.T)
+    assert np.linalg.eigvalsh(q).min() > -1e-6 * np.abs(q).max()
+    # Loads are shares of a fixed total: moving load between experts, never creating it.
+    assert np.allclose(q.sum(axis=1), 0, atol=1e-6 * np.abs(q).max())
+    # Experts of one domain fluctuate together, against the other domain's.
+    assert q[0, 1] > 0 and q[0, 15] < 0
+
+
+def test_load_risk_is_zero_when_every_request_routes_alike():
+    E, K = 4, 2
+    one = np.array([[0, 1], [2, 3]])  # every request: same two tokens
+    ids = np.tile(one, (5, 1))[:, None, :]
+    trace = Trace(
+        topk_ids=ids.astype(np.int16), layer_ids=np.array([1], dtype=np.int32),
+        request_ids=np.repeat(np.arange(5), 2).astype(np.int32), is_prefill=np.ones(10, dtype=bool),
+        num_experts=E, meta={},
+    )
+    assert np.allclose(stats.load_risk(trace, 0), 0)
+
+
+def test_load_risk_predicts_the_spread_of_request_splits():
+    """sqrt(w'Qw) is the std of (half B - half A) load of a unit, over random request halvings."""
+    trace = clustered(requests=400, seed=3)
+    E = trace.num_experts
+    w = np.zeros(E)
+    w[[0, 1, 2, 9]] = 1
+    rng = np.random.default_rng(0)
+    reqs = np.unique(trace.request_ids)
+    diffs, preds = [], []
+    for _ in range(200):
+        a = rng.permutation(reqs)[: len(reqs) // 2]
+        inA = np.isin(trace.request_ids, a)
+        la = np.bincount(trace.topk_ids[inA, 0].ravel(), minlength=E).astype(float)
+        lb = np.bincount(trace.topk_ids[~inA, 0].ravel(), minlength=E).astype(float)
+        diffs.append(w @ (lb / lb.sum() - la / la.sum()) * la.sum())
+        sub = Trace(
+            topk_ids=trace.topk_ids[inA], layer_ids=trace.layer_ids, request_ids=trace.request_ids[inA],
+            is_prefill=trace.is_prefill[inA], num_experts=E, meta={},
+        )
+        preds.append(np.sqrt(w @ stats.load_risk(sub, 0) @ w))
+    ratio = np.std(diffs) / np.mean(preds)
+    assert 0.75 < ratio < 1.3, ratio
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_risk_margin_stays_exact_under_swaps(seed):
+    trace = clustered(seed=seed % 7)
+    inst = LayerInstance.from_trace(trace, 0)
+    q = stats.load_risk(trace, 0)
+    rng = np.random.default_rng(seed)
+    s = SwapSearch(inst, rng.permutation(np.repeat(np.arange(4), 4)), np.ones(4), risk=q)
+    for _ in range(20):
+        e, f = rng.integers(0, 16, 2)
+        if s.a[e] != s.a[f]:
+            s.apply_swap(int(e), int(f))
+    fresh = SwapSearch(inst, s.a, np.ones(4), risk=q)
+    assert np.allclose(s.qv, fresh.qv) and np.allclose(s.MQ, fresh.MQ)
+    ind = np.eye(4)[s.a].T
+    assert np.allclose(s.margin(), np.sqrt(np.maximum(np.einsum("ue,ef,uf->u", ind, q, ind), 0)))
+
+
+def test_risk_margin_is_honoured_by_repair_and_descent():
+    trace = clustered(seed=1)
+    inst = LayerInstance.from_trace(trace, 0)
+    q = stats.load_risk(trace, 0)
+    load = inst.expert_load()
+    cap = np.full(4, load.sum() / 4 * 1.15)
+    s = SwapSearch(inst, np.repeat(np.arange(4), 4), node_weights(np.full(4, 1), 4), cap, risk=q)
+    s.repair(np.inf)
+    s.descend(np.inf)
+    assert s.overflow() <= 1e-9
+    assert np.all(s.unit_load + s.margin() <= cap + 1e-6)
+
+
+def test_choose_matches_enumeration_and_names_the_best_when_unreachable():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        L, C = 4, 3
+        imb = np.sort(rng.uniform(1.0, 1.3, (L, C)), axis=1)
+        cost = np.sort(rng.uniform(1, 2, (L, C)), axis=1)[:, ::-1]  # looser cap, lower cost
+        cost[rng.integers(0, L), 0] = np.inf  # one unavailable candidate
+        bound = float(rng.uniform(imb[:, 1].mean(), imb[:, 2].mean()))
+        pick = allocate.choose(cost, imb, bound)
+        best = min(
+            (sum(cost[l, c] for l, c in enumerate(p)), p)
+            for p in itertools.product(range(C), repeat=L)
+            if np.isfinite(sum(cost[l, c] for l, c in enumerate(p))) and np.mean([imb[l, c] for l, c in enumerate(p)]) <= bound
+        )
+        assert np.mean(imb[np.arange(L), pick]) <= bound + 1e-9
+        assert cost[np.arange(L), pick].sum() <= best[0] + 1e-6 * best[0]
+    with pytest.raises(MoeplaceError, match=r"--max-imbalance 1.01 .* most balanced candidates give 1\.0500"):
+        allocate.choose(np.ones((2, 2)), np.array([[1.05, 1.2], [1.05, 1.3]]), 1.01)
+
+
+def test_noise_model_without_noise_is_the_exact_imbalance():
+    load = np.array([4.0, 3.0, 2.0, 1.0])
+    nm = allocate.NoiseModel(load, np.zeros((4, 4)), samples=8)
+    assert nm.expected_imbalance(np.array([[0, 3], [1, 2]])) == pytest.approx(1.0)
+    assert nm.expected_imbalance(np.array([[0, 1], [2, 3]])) == pytest.approx(7 / 5)
+    noisy = allocate.NoiseModel(load, np.eye(4) - 0.25, samples=2000)
+    assert noisy.expected_imbalance(np.array([[0, 3], [1, 2]])) > 1.05  # noise only adds to a max
+
+
+def test_expected_target_bounds_the_predicted_imbalance_and_records_the_caps():
+    trace = clustered(seed=2)
+    topo = Topology.uniform(8, 2)
+    plan = solve(trace, topo, SolveOptions(max_imbalance=1.3, balance_target="expected", time_limit=2.0, deterministic=True))
+    validate_plan(plan)
+    s = plan.solver
+    assert s["balance_target"] == "expected"
+    assert s["expected_imbalance"] <= 1.3 + 1e-9
+    assert set(s["layer_caps"]) == {1, 2} and all(c in allocate.CAP_GRID for c in s["layer_caps"].values())
+    # The prediction is about held-out noise: it can only add to the train imbalance.
+    assert s["expected_imbalance"] >= evaluate_layers(plan.layers, topo, trace).imbalance - 1e-9
+    with pytest.raises(SolveError, match="--balance-target expected supports neither --redundant-per-rank"):
+        solve(trace, topo, SolveOptions(balance_target="expected", redundant_per_rank=1, time_limit=1.0))
+
+
+def test_expected_target_that_cannot_be_met_says_the_best_achievable():
+    trace = clustered(seed=2)
+    with pytest.raises(MoeplaceError, match=r"--max-imbalance 1.0 \(expected held-out.*most balanced candidates give"):
+        solve(trace, Topology.uniform(8, 2), SolveOptions(max_imbalance=1.0, balance_target="expected", time_limit=1.0, deterministic=True))
+
+
+def test_cli_expected_target_writes_the_caps(tmp_path):
+    from vllm_moeplace.cli.main import main
+    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.trace import save_trace
+
+    t = tmp_path / "t.npz"
+    save_trace(t, clustered(seed=4))
+    out = tmp_path / "plan.json"
+    rc = main(["solve", "--trace", str(t), "--ep-size", "8", "--ranks-per-node", "2", "--max-imbalance", "1.3",
+               "--balance-target", "expected", "--balance-risk", "0.5", "--time-limit", "2", "--deterministic", "--out", str(out)])
+    assert rc == 0
+    s = load_plan(out).solver
+    assert s["balance_target"] == "expected" and s["options"]["balance_risk"] == 0.5 and s["expected_imbalance"] <= 1.3
