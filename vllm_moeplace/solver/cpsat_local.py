@@ -199,7 +199,8 @@ class SwapSearch:
                 me = M[self.a]  # [e, f] -> M[a_e, f]
                 na = na + np.sqrt(np.maximum(self.qv[ua] - 2 * np.diag(me)[:, None] + 2 * me + common, 0))
                 nb = nb + np.sqrt(np.maximum(self.qv[ub] - 2 * np.diag(me)[None, :] + 2 * me.T + common, 0))
-                ma, mb = self.margin()[ua], self.margin()[ub]
+                margin = self.margin()
+                ma, mb = margin[ua], margin[ub]
             over_now = np.maximum(self.unit_load[ua] + ma - self.cap[ua], 0) + np.maximum(self.unit_load[ub] + mb - self.cap[ub], 0)
             over_new = np.maximum(na - self.cap[ua], 0) + np.maximum(nb - self.cap[ub], 0)
             for i, fl in enumerate(self.fold_loads):

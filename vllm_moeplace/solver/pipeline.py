@@ -80,6 +80,7 @@ def solve(
     results: list[LayerResult] = []
     prev_nodes: np.ndarray | None = None
     expected: list[float] = []
+    noises: list[allocate.NoiseModel] = []  # per layer, built once (--balance-target expected)
     layer_caps: dict[int, float] = {}
     for l in range(L):
         # What is left of the budget, shared by the remaining layers; 8% is kept for the fixed
@@ -87,7 +88,8 @@ def solve(
         left = t0 + 0.92 * options.time_limit - time.monotonic()
         per_layer = options.time_limit / L if options.deterministic else max(0.05, left / (L - l))
         if options.balance_target == "expected":
-            cands, imbs = _solve_layer_candidates(train, l, topology, options, per_layer * _FIRST_PASS, rng)
+            noises.append(_noise(train, l, options))
+            cands, imbs = _solve_layer_candidates(train, l, topology, options, per_layer * _FIRST_PASS, rng, noises[-1])
             results.append(cands)  # type: ignore[arg-type]  # resolved after all layers below
             expected.append(imbs)  # type: ignore[arg-type]
             continue
@@ -116,7 +118,7 @@ def solve(
                 train, l, topology, options.model_copy(update={"max_imbalance": cap}), per_layer, rng, None,
                 with_bound=False, warm=_node_assign(results[l].layout, topology),
             )
-            imb = _noise(train, l, options).expected_imbalance(res.layout)
+            imb = noises[l].expected_imbalance(res.layout)
             if res.objective < results[l].objective - 1e-9 and imb <= expected[l] + 1e-12:
                 results[l] = replace(res, bound=min(results[l].bound, res.objective), start_objective=results[l].start_objective)
                 expected[l] = imb
@@ -302,14 +304,19 @@ def _noise(train: Trace, l: int, opt: SolveOptions) -> allocate.NoiseModel:
 
 
 def _solve_layer_candidates(
-    train: Trace, l: int, topology: Topology, opt: SolveOptions, budget: float, rng: np.random.Generator
+    train: Trace,
+    l: int,
+    topology: Topology,
+    opt: SolveOptions,
+    budget: float,
+    rng: np.random.Generator,
+    noise: allocate.NoiseModel,
 ) -> tuple[list[LayerResult | None], list[float]]:
     """--balance-target expected: the layer solved at every cap of allocate.CAP_GRID (None where
     the hottest expert alone breaks the cap), each with its predicted held-out imbalance; the
     layer's one lower bound is attached to every candidate (it holds for all caps)."""
     bound_time = min(3.0, 0.25 * budget)
     each = max(0.05, (budget - bound_time) / len(allocate.CAP_GRID))
-    noise = _noise(train, l, opt)
     cands: list[LayerResult | None] = []
     imbs: list[float] = []
     for cap in allocate.CAP_GRID:
