@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train: every layer's train load <= --max-imbalance; expected: mean predicted held-out imbalance <= it",
     )
     p.add_argument("--balance-risk", type=float, default=0.0, help="keep this many std of request-sampling noise under the cap")
+    p.add_argument(
+        "--risk-scale", type=float, default=None,
+        help="variance factor on the load-noise model (default: measured on the train requests; 1 = raw model)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="same output for the same seed, regardless of load")
     p.add_argument("--model-name", default=None)
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             balance_folds=args.balance_folds,
             balance_target=args.balance_target,
             balance_risk=args.balance_risk,
+            risk_scale=args.risk_scale,
             deterministic=args.deterministic,
         )
     except ValidationError as e:

@@ -38,6 +38,10 @@ class SolveOptions(BaseModel):
     """> 0: every node and rank must meet max_imbalance with this many standard deviations of
     request-sampling noise to spare (`stats.load_risk`): balance that holds on unseen requests,
     not only on the train ones."""
+    risk_scale: float | None = Field(default=None, gt=0.0)
+    """Variance factor on the load-risk model (balance_risk and the held-out imbalance prediction).
+    None: measured on the train requests alone (`stats.risk_calibration`: first half vs second
+    half), since request order drifts more than sampling predicts. 1.0: the raw model."""
     seed: int = 0
     deterministic: bool = False
     """Reproducible regardless of load: one CP-SAT worker bounded by deterministic time, and the

@@ -75,6 +75,9 @@ def solve(
     check_instance(E, topology, options)
     train = trace if options.train_fraction >= 1.0 else trace.split_by_request(options.train_fraction)[0]
     L = train.num_layers
+    if options.risk_scale is None and not options.redundant_per_rank:
+        # Resolved once, and recorded in the plan's options so a re-run reproduces it.
+        options = options.model_copy(update={"risk_scale": stats.risk_calibration(train, E // R, seed=options.seed)})
     rng = np.random.default_rng(options.seed)
     layers: dict[int, np.ndarray] = {}
     results: list[LayerResult] = []
@@ -106,8 +109,8 @@ def solve(
         expected = [float(expected[l][int(c)]) for l, c in enumerate(pick)]  # type: ignore[index]
         layer_caps = {int(train.layer_ids[l]): allocate.CAP_GRID[int(c)] for l, c in enumerate(pick)}
         # Second pass: the rest of the budget continues each layer's search at its chosen cap. A
-        # better layout is taken only if its predicted imbalance is no higher than the chosen
-        # candidate's, so the knapsack's bound still holds.
+        # better layout is taken only if its predicted imbalance fits in the chosen candidate's
+        # plus what the knapsack left unspent, so the bound on the mean still holds.
         for l in range(L):
             left = t0 + 0.92 * options.time_limit - time.monotonic()
             per_layer = options.time_limit * (1 - _FIRST_PASS) / L if options.deterministic else left / (L - l)
@@ -119,7 +122,9 @@ def solve(
                 with_bound=False, warm=_node_assign(results[l].layout, topology),
             )
             imb = noises[l].expected_imbalance(res.layout)
-            if res.objective < results[l].objective - 1e-9 and imb <= expected[l] + 1e-12:
+            # The knapsack rarely spends its whole budget: what it left (slack) may be spent here.
+            slack = options.max_imbalance * L - float(np.sum(expected))
+            if res.objective < results[l].objective - 1e-9 and imb <= expected[l] + max(0.0, slack) - 1e-12:
                 results[l] = replace(res, bound=min(results[l].bound, res.objective), start_objective=results[l].start_objective)
                 expected[l] = imb
     for l, res in enumerate(results):
@@ -156,6 +161,8 @@ def solve(
         # absent with redundant copies.
         "expected_imbalance": float(np.mean(expected)) if expected else None,
         "balance_target": options.balance_target,
+        # Variance factor of the load-risk model (measured on the train requests unless given).
+        "risk_scale": options.risk_scale,
         "layer_caps": layer_caps or None,
         "options": options.model_dump(),
         "trace": trace_path,
@@ -300,7 +307,8 @@ def _node_assign(layout: np.ndarray, topology: Topology) -> np.ndarray:
 
 
 def _noise(train: Trace, l: int, opt: SolveOptions) -> allocate.NoiseModel:
-    return allocate.NoiseModel(LayerInstance.from_trace(train, l).expert_load(), stats.load_risk(train, l), seed=opt.seed)
+    q = stats.load_risk(train, l) * (opt.risk_scale or 1.0)
+    return allocate.NoiseModel(LayerInstance.from_trace(train, l).expert_load(), q, seed=opt.seed)
 
 
 def _solve_layer_candidates(
@@ -319,15 +327,21 @@ def _solve_layer_candidates(
     each = max(0.05, (budget - bound_time) / len(allocate.CAP_GRID))
     cands: list[LayerResult | None] = []
     imbs: list[float] = []
+    warm = None
     for cap in allocate.CAP_GRID:
+        # Tightest cap first; each looser cap continues from the previous candidate (feasible for
+        # it too), so a looser candidate is never worse on train than a tighter one.
         try:
-            res = _solve_layer(train, l, topology, opt.model_copy(update={"max_imbalance": cap}), each, rng, None, with_bound=False)
+            res = _solve_layer(
+                train, l, topology, opt.model_copy(update={"max_imbalance": cap}), each, rng, None, with_bound=False, warm=warm
+            )
         except SolveError:
             cands.append(None)
             imbs.append(np.inf)
             continue
         cands.append(res)
         imbs.append(noise.expected_imbalance(res.layout))
+        warm = _node_assign(res.layout, topology)
     done = [c for c in cands if c is not None]
     inst = LayerInstance.from_trace(train, l)
     if not done:  # every cap is below what the hottest expert forces: say so with its numbers
@@ -432,7 +446,7 @@ def _risk(train: Trace, l: int, opt: SolveOptions, copies: np.ndarray | None) ->
     With copies, each copy carries 1/copies of its expert's pairs, so Q scales by both shares."""
     if opt.balance_risk <= 0:
         return None
-    q = stats.load_risk(train, l) * opt.balance_risk**2
+    q = stats.load_risk(train, l) * (opt.risk_scale or 1.0) * opt.balance_risk**2
     if copies is not None:
         q = q / np.outer(copies, copies)
     return q
