@@ -142,6 +142,25 @@ def test_choose_matches_enumeration_and_names_the_best_when_unreachable():
         allocate.choose(np.ones((2, 2)), np.array([[1.05, 1.2], [1.05, 1.3]]), 1.01)
 
 
+def test_choose_with_confidence_bounds_the_quantile_and_costs_more():
+    rng = np.random.default_rng(4)
+    L, C = 12, 5
+    imb = np.sort(1.0 + rng.random((L, C)) * 0.3, axis=1)
+    cost = np.sort(rng.random((L, C)) * 10, axis=1)[:, ::-1].copy()  # looser = cheaper
+    std = 0.02 + rng.random((L, C)) * 0.05
+    rows = np.arange(L)
+    mean_pick = allocate.choose(cost, imb, 1.15)
+    conf_pick = allocate.choose(cost, imb, 1.15, std=std, z=1.2816)
+    assert imb[rows, mean_pick].mean() <= 1.15 + 1e-9
+    assert allocate.quantile(imb[rows, conf_pick], std[rows, conf_pick], 1.2816) <= 1.15 + 1e-9
+    assert allocate.quantile(imb[rows, mean_pick], std[rows, mean_pick], 1.2816) > 1.15  # the mean set misses it
+    assert cost[rows, conf_pick].sum() >= cost[rows, mean_pick].sum()
+    # quantile: layers independent, so the std of the mean shrinks as 1/sqrt(L)
+    assert allocate.quantile([1.1] * 4, [0.04] * 4, 2.0) == pytest.approx(1.1 + 2.0 * 0.04 / 2)
+    with pytest.raises(MoeplaceError, match="at the asked confidence"):
+        allocate.choose(cost, imb, float(imb[:, 0].mean()) + 1e-6, std=std, z=3.0)
+
+
 def test_noise_model_without_noise_is_the_exact_imbalance():
     load = np.array([4.0, 3.0, 2.0, 1.0])
     nm = allocate.NoiseModel(load, np.zeros((4, 4)), samples=8)
@@ -174,7 +193,7 @@ def test_candidates_never_get_worse_as_the_cap_loosens():
     trace = clustered(E=32, seed=3)
     topo = Topology.uniform(8, 2)
     opt = SolveOptions(balance_target="expected", time_limit=4.0, deterministic=True)
-    cands, imbs = _solve_layer_candidates(trace, 0, topo, opt, 2.0, np.random.default_rng(0), _noise(trace, 0, opt))
+    cands, imbs, stds = _solve_layer_candidates(trace, 0, topo, opt, 2.0, np.random.default_rng(0), _noise(trace, 0, opt))
     objs = [c.objective for c in cands if c is not None]
     assert len(objs) >= 2 and all(b <= a + 1e-9 for a, b in zip(objs, objs[1:]))
     for cap, c in zip(allocate.CAP_GRID, cands):
@@ -220,6 +239,24 @@ def test_risk_scale_is_resolved_once_and_recorded():
     lay = np.asarray(plan.layers[1])
     scaled, unscaled = (_noise(trace, 0, SolveOptions(risk_scale=k)).expected_imbalance(lay) for k in (4.0, 1.0))
     assert scaled > unscaled + 1e-3
+
+
+def test_confidence_bounds_the_quantile_and_a_short_budget_is_kept():
+    trace = clustered(E=64, L=8, K=4, requests=120, seed=5)
+    topo = Topology.uniform(8, 1)
+    plan = solve(trace, topo, SolveOptions(max_imbalance=1.3, balance_target="expected", balance_confidence=0.9, time_limit=2.0))
+    s = plan.solver
+    assert s["balance_confidence"] == 0.9
+    assert s["expected_imbalance"] < s["imbalance_quantile"] <= 1.3 + 1e-9
+    # Each cap has a fixed setup (~3.5 s for all 8 caps of these 8 layers, against 2 s asked):
+    # a short budget tries fewer caps, always both ends of the grid.
+    from vllm_moeplace.solver.pipeline import _noise, _solve_layer_candidates
+
+    opt = SolveOptions(balance_target="expected")
+    for budget, n in ((0.2, 2), (0.5, 4), (2.0, len(allocate.CAP_GRID))):
+        cands, _, _ = _solve_layer_candidates(trace, 0, topo, opt, budget, np.random.default_rng(0), _noise(trace, 0, opt))
+        tried = [i for i, c in enumerate(cands) if c is not None]
+        assert len(tried) == n and tried[-1] == len(allocate.CAP_GRID) - 1, (budget, tried)
 
 
 def test_expected_target_that_cannot_be_met_says_the_best_achievable():

@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--balance-risk", type=float, default=0.0, help="keep this many std of request-sampling noise under the cap")
     p.add_argument(
+        "--balance-confidence", type=float, default=0.5,
+        help="with --balance-target expected: bound this quantile of the held-out imbalance (default 0.5: its mean)",
+    )
+    p.add_argument(
         "--risk-scale", type=float, default=None,
         help="variance factor on the load-noise model (default: measured on the train requests; 1 = raw model)",
     )
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             balance_target=args.balance_target,
             balance_risk=args.balance_risk,
             risk_scale=args.risk_scale,
+            balance_confidence=args.balance_confidence,
             deterministic=args.deterministic,
         )
     except ValidationError as e:

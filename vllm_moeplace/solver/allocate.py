@@ -34,15 +34,59 @@ class NoiseModel:
 
     def expected_imbalance(self, layout: np.ndarray) -> float:
         """E[max rank load / mean rank load] over the draws, for layout int [R, S] (no copies)."""
+        return self.imbalance(layout)[0]
+
+    def imbalance(self, layout: np.ndarray) -> tuple[float, float]:
+        """(mean, std) over the draws of max rank load / mean rank load, for layout int [R, S]."""
         rank = self.draws[:, layout].sum(axis=2)  # [S, R]
-        return float((rank.max(axis=1) / rank.mean(axis=1)).mean())
+        imb = rank.max(axis=1) / rank.mean(axis=1)
+        return float(imb.mean()), float(imb.std())
 
 
-def choose(cost: np.ndarray, imb: np.ndarray, bound: float, time_limit: float = 10.0) -> np.ndarray:
-    """int [L]: one candidate per layer (row) minimising Σ cost with mean imb <= bound.
+def quantile(means, stds, z: float) -> float:
+    """Normal approximation of a quantile of the mean over layers of the held-out imbalance:
+    mean of the layer means + z x its std, layers taken as independent (each one's noise comes from
+    a different expert set)."""
+    means, stds = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
+    return float(means.mean() + z * np.sqrt((stds**2).sum()) / len(means))
 
-    cost, imb: [L, C]; unavailable candidates are +inf in cost. Raises when even the most balanced
-    candidate of every layer misses the bound, naming the best achievable mean."""
+
+def choose(
+    cost: np.ndarray, imb: np.ndarray, bound: float, std: np.ndarray | None = None, z: float = 0.0, time_limit: float = 10.0
+) -> np.ndarray:
+    """int [L]: one candidate per layer (row) minimising Σ cost with mean imb <= bound, or, with
+    z > 0 and per-candidate std, with `quantile(imb, std, z)` <= bound.
+
+    cost, imb, std: [L, C]; unavailable candidates are +inf in cost. Raises when even the most
+    balanced candidate of every layer misses the bound, naming the best achievable mean.
+    The quantile is not linear, so the knapsack is re-solved on a tightened mean budget until the
+    chosen set's quantile fits (the std of a mean over many layers barely moves between sets)."""
+    if z <= 0 or std is None:
+        return _knapsack(cost, imb, bound, time_limit)
+    L = cost.shape[0]
+    budget = bound
+    for _ in range(8):
+        try:
+            pick = _knapsack(cost, imb, budget, time_limit)
+        except MoeplaceError as e:
+            if budget == bound:
+                raise
+            raise MoeplaceError(
+                f"--max-imbalance {bound} at the asked confidence needs a mean predicted imbalance of at most "
+                f"{budget:.4f} ({e}); raise --max-imbalance or lower --balance-confidence"
+            ) from None
+        rows = np.arange(L)
+        q = quantile(imb[rows, pick], std[rows, pick], z)
+        if q <= bound + 1e-12:
+            return pick
+        budget -= q - bound + 1e-6
+    raise MoeplaceError(
+        f"--max-imbalance {bound} at the asked confidence is not reachable: the last set chosen has a "
+        f"quantile of {q:.4f}; raise --max-imbalance or lower --balance-confidence"
+    )
+
+
+def _knapsack(cost: np.ndarray, imb: np.ndarray, bound: float, time_limit: float) -> np.ndarray:
     L, C = cost.shape
     ok = np.isfinite(cost) & np.isfinite(imb)
     best = float(np.where(ok, imb, np.inf).min(axis=1).mean())

@@ -8,8 +8,8 @@ Step 1  expert -> node. node_sends depends only on node membership, so this is a
         exactly (ranks on node x slots) experts and at most max_imbalance x its mean train load.
         Warm start: load-capped co-activation greedy, repaired and descended by exact-delta swaps
         (`greedy`, `cpsat_local`). Then the budget alternates CP-SAT on exact neighbourhoods (a few
-        free experts on 2-3 nodes, `cpsat_model`, hinted with the incumbent) and short annealing
-        walks followed by descent; only strict improvements are kept.
+        free experts on 2-3 nodes, `cpsat_model`, hinted with the incumbent) and iterated-local-
+        search kicks (a few random swaps, repair, descent); only strict improvements are kept.
 Step 2  expert -> rank inside each node: longest-processing-time, then swaps inside the node down
         to the rank load cap (and, for --objective rank_sends, fewer distinct ranks per token).
 Step 3  redundant copies, if asked (`cpsat_redundancy`).
@@ -20,6 +20,7 @@ Bound   per layer max(one node per pattern, star bound, Frank-Wolfe bound of the
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -42,6 +43,8 @@ from vllm_moeplace.trace import Trace
 # --balance-target expected: share of each layer's budget spent on the candidate caps; the rest
 # continues the search at the chosen cap.
 _FIRST_PASS = 0.5
+# Budget below which one more candidate cap is not worth its fixed setup (greedy, repair, descent).
+_MIN_CANDIDATE_S = 0.09
 
 
 class SolveError(MoeplaceError):
@@ -83,6 +86,8 @@ def solve(
     results: list[LayerResult] = []
     prev_nodes: np.ndarray | None = None
     expected: list[float] = []
+    spread: list = []  # std of each layer's predicted held-out imbalance
+    z = statistics.NormalDist().inv_cdf(options.balance_confidence) if options.balance_confidence > 0.5 else 0.0
     noises: list[allocate.NoiseModel] = []  # per layer, built once (--balance-target expected)
     layer_caps: dict[int, float] = {}
     for l in range(L):
@@ -92,25 +97,29 @@ def solve(
         per_layer = options.time_limit / L if options.deterministic else max(0.05, left / (L - l))
         if options.balance_target == "expected":
             noises.append(_noise(train, l, options))
-            cands, imbs = _solve_layer_candidates(train, l, topology, options, per_layer * _FIRST_PASS, rng, noises[-1])
+            cands, imbs, stds = _solve_layer_candidates(train, l, topology, options, per_layer * _FIRST_PASS, rng, noises[-1])
             results.append(cands)  # type: ignore[arg-type]  # resolved after all layers below
             expected.append(imbs)  # type: ignore[arg-type]
+            spread.append(stds)
             continue
         res = _solve_layer(train, l, topology, options, per_layer, rng, prev_nodes)
         results.append(res)
         if options.inter_layer_weight > 0:
             prev_nodes = _token_nodes(train, l, res.layout, topology)
         if not options.redundant_per_rank:
-            expected.append(_noise(train, l, options).expected_imbalance(res.layout))
+            mean, std = _noise(train, l, options).imbalance(res.layout)
+            expected.append(mean)
+            spread.append(std)
     if options.balance_target == "expected":
         cost = np.array([[np.inf if r is None else r.objective for r in cands] for cands in results])
-        pick = allocate.choose(cost, np.array(expected), options.max_imbalance)
+        pick = allocate.choose(cost, np.array(expected), options.max_imbalance, std=np.array(spread), z=z)
         results = [results[l][int(c)] for l, c in enumerate(pick)]  # type: ignore[index]
         expected = [float(expected[l][int(c)]) for l, c in enumerate(pick)]  # type: ignore[index]
+        spread = [float(spread[l][int(c)]) for l, c in enumerate(pick)]
         layer_caps = {int(train.layer_ids[l]): allocate.CAP_GRID[int(c)] for l, c in enumerate(pick)}
         # Second pass: the rest of the budget continues each layer's search at its chosen cap. A
-        # better layout is taken only if its predicted imbalance fits in the chosen candidate's
-        # plus what the knapsack left unspent, so the bound on the mean still holds.
+        # better layout is taken only if the bound (on the mean, or on the quantile) still holds
+        # with it: it may spend what the knapsack left unspent, no more.
         for l in range(L):
             left = t0 + 0.92 * options.time_limit - time.monotonic()
             per_layer = options.time_limit * (1 - _FIRST_PASS) / L if options.deterministic else left / (L - l)
@@ -121,12 +130,14 @@ def solve(
                 train, l, topology, options.model_copy(update={"max_imbalance": cap}), per_layer, rng, None,
                 with_bound=False, warm=_node_assign(results[l].layout, topology),
             )
-            imb = noises[l].expected_imbalance(res.layout)
-            # The knapsack rarely spends its whole budget: what it left (slack) may be spent here.
-            slack = options.max_imbalance * L - float(np.sum(expected))
-            if res.objective < results[l].objective - 1e-9 and imb <= expected[l] + max(0.0, slack) - 1e-12:
+            imb, sd = noises[l].imbalance(res.layout)
+            trial_m, trial_s = list(expected), list(spread)
+            trial_m[l], trial_s[l] = imb, sd
+            if res.objective < results[l].objective - 1e-9 and allocate.quantile(trial_m, trial_s, z) <= max(
+                options.max_imbalance, allocate.quantile(expected, spread, z)
+            ):
                 results[l] = replace(res, bound=min(results[l].bound, res.objective), start_objective=results[l].start_objective)
-                expected[l] = imb
+                expected[l], spread[l] = imb, sd
     for l, res in enumerate(results):
         layers[int(train.layer_ids[l])] = res.layout
     obj = sum(r.objective for r in results)
@@ -160,6 +171,9 @@ def solve(
         # Predicted mean held-out rank imbalance under request-sampling noise (allocate.NoiseModel);
         # absent with redundant copies.
         "expected_imbalance": float(np.mean(expected)) if expected else None,
+        # The balance_confidence quantile of the same (normal approximation, layers independent).
+        "imbalance_quantile": allocate.quantile(expected, spread, z) if expected else None,
+        "balance_confidence": options.balance_confidence,
         "balance_target": options.balance_target,
         # Variance factor of the load-risk model (measured on the train requests unless given).
         "risk_scale": options.risk_scale,
@@ -212,12 +226,13 @@ def _solve_layer(
     prev_nodes: np.ndarray | None,
     with_bound: bool = True,
     warm: np.ndarray | None = None,
+    base: LayerInstance | None = None,
 ) -> LayerResult:
     E, R = train.num_experts, topology.ep_size
     s = E // R
     g = topology.ranks_per_node
     sizes = g * s
-    base = LayerInstance.from_trace(train, l)
+    base = LayerInstance.from_trace(train, l) if base is None else base  # patterns: reusable per layer
     load = base.expert_load()
     copies = None
     if opt.redundant_per_rank:
@@ -319,31 +334,44 @@ def _solve_layer_candidates(
     budget: float,
     rng: np.random.Generator,
     noise: allocate.NoiseModel,
-) -> tuple[list[LayerResult | None], list[float]]:
-    """--balance-target expected: the layer solved at every cap of allocate.CAP_GRID (None where
-    the hottest expert alone breaks the cap), each with its predicted held-out imbalance; the
-    layer's one lower bound is attached to every candidate (it holds for all caps)."""
+) -> tuple[list[LayerResult | None], list[float], list[float]]:
+    """--balance-target expected: the layer solved at the caps of allocate.CAP_GRID (None where
+    the hottest expert alone breaks the cap, or where the budget is too short to try every cap),
+    each with the mean and std of its predicted held-out imbalance; the layer's one lower bound is
+    attached to every candidate (it holds for all caps)."""
     bound_time = min(3.0, 0.25 * budget)
-    each = max(0.05, (budget - bound_time) / len(allocate.CAP_GRID))
+    grid = allocate.CAP_GRID
+    # Each cap costs a fixed setup (greedy start, repair, one descent) before any search: with a
+    # short budget, try fewer caps spread over the grid (always its two ends) so --time-limit holds.
+    n_try = int(np.clip((budget - bound_time) / _MIN_CANDIDATE_S, 2, len(grid)))
+    tried = set(np.linspace(0, len(grid) - 1, n_try).round().astype(int).tolist())
+    each = max(0.05, (budget - bound_time) / len(tried))
     cands: list[LayerResult | None] = []
     imbs: list[float] = []
+    stds: list[float] = []
     warm = None
-    for cap in allocate.CAP_GRID:
+    inst = LayerInstance.from_trace(train, l)
+    for i, cap in enumerate(grid):
         # Tightest cap first; each looser cap continues from the previous candidate (feasible for
         # it too), so a looser candidate is never worse on train than a tighter one.
-        try:
-            res = _solve_layer(
-                train, l, topology, opt.model_copy(update={"max_imbalance": cap}), each, rng, None, with_bound=False, warm=warm
-            )
-        except SolveError:
-            cands.append(None)
-            imbs.append(np.inf)
-            continue
+        res = None
+        if i in tried:
+            try:
+                res = _solve_layer(
+                    train, l, topology, opt.model_copy(update={"max_imbalance": cap}), each, rng, None, with_bound=False, warm=warm, base=inst
+                )
+            except SolveError:
+                res = None
         cands.append(res)
-        imbs.append(noise.expected_imbalance(res.layout))
+        if res is None:
+            imbs.append(np.inf)
+            stds.append(np.inf)
+            continue
+        m, sd = noise.imbalance(res.layout)
+        imbs.append(m)
+        stds.append(sd)
         warm = _node_assign(res.layout, topology)
     done = [c for c in cands if c is not None]
-    inst = LayerInstance.from_trace(train, l)
     if not done:  # every cap is below what the hottest expert forces: say so with its numbers
         _check_balance(inst.expert_load(), topology.ep_size, max(allocate.CAP_GRID), int(train.layer_ids[l]), 0)
     if opt.objective == "node_sends":
@@ -352,7 +380,7 @@ def _solve_layer_candidates(
         best = min(done, key=lambda r: r.objective)
         bound = _node_bound(inst, sizes, _node_assign(best.layout, topology), w, opt.deterministic, bound_time)
         cands = [None if c is None else replace(c, bound=min(bound, c.objective)) for c in cands]
-    return cands, imbs
+    return cands, imbs, stds
 
 
 def _improve(search: SwapSearch, N: int, opt: SolveOptions, budget: float, deadline: float, rng) -> tuple[int, int, str]:
