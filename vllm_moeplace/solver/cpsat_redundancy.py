@@ -51,20 +51,27 @@ def add_replicas(
     extra = [[] for _ in range(R)]
     node_of = topology.node_of_rank
     todo = [e for e in np.argsort(-per, kind="stable") for _ in range(int(copies[e]) - 1)]
-    for e in todo:
-        host_nodes = {int(node_of[r]) for r in hosts[e]}
-        best, key = -1, None
-        for r in range(R):
-            if len(extra[r]) >= extra_per_rank or r in hosts[e]:
-                continue
-            k = (rank_load[r], int(node_of[r]) in host_nodes, r < primary_rank[e], r)
-            if key is None or k < key:
-                best, key = r, k
-        if best < 0:  # every free slot is on a rank that holds e: make room by relocating a copy
-            best = _make_room(int(e), extra, hosts, extra_per_rank, rank_load, per)
-        extra[best].append(int(e))
-        hosts[e].add(best)
-        rank_load[best] += per[e]
+    try:
+        for e in todo:
+            host_nodes = {int(node_of[r]) for r in hosts[e]}
+            best, key = -1, None
+            for r in range(R):
+                if len(extra[r]) >= extra_per_rank or r in hosts[e]:
+                    continue
+                k = (rank_load[r], int(node_of[r]) in host_nodes, r < primary_rank[e], r)
+                if key is None or k < key:
+                    best, key = r, k
+            if best < 0:  # every free slot is on a rank that holds e: make room by relocating a copy
+                best = _make_room(int(e), extra, hosts, extra_per_rank, rank_load, per)
+            extra[best].append(int(e))
+            hosts[e].add(best)
+            rank_load[best] += per[e]
+    except _NoRoom:
+        # The greedy painted itself into a corner (the last free slots all sit on ranks that hold
+        # the expert, and no single move frees one). A max-flow finds copies on distinct ranks
+        # whenever any exist; balance is then restored by the swaps of Step 3.
+        extra = _flow_assign(layout, copies, extra_per_rank)
+        rank_load = per[layout].sum(axis=1) + np.array([per[x].sum() for x in extra])
     _improve_extra(extra, layout, per, rank_load)
     return np.concatenate([layout, np.array(extra, dtype=np.int64).reshape(R, extra_per_rank)], axis=1)
 
@@ -87,7 +94,45 @@ def _make_room(e: int, extra: list[list[int]], hosts: list[set], cap: int, rank_
                 rank_load[r] -= per[f]
                 rank_load[r2] += per[f]
                 return int(r)
-    raise ValueError(f"add_replicas: no rank can take another copy of expert {e}")
+    raise _NoRoom(e)
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _flow_assign(layout: np.ndarray, copies: np.ndarray, extra_per_rank: int) -> list[list[int]]:
+    """Extra copies on distinct ranks, none beside its expert's primary, `extra_per_rank` per rank:
+    source -> expert (copies - 1) -> rank without it (1) -> sink (extra_per_rank), integral max
+    flow. Raises ValueError naming the shortfall when no such assignment exists."""
+    from ortools.graph.python import max_flow
+
+    R, _ = layout.shape
+    E = len(copies)
+    primary = np.empty(E, dtype=np.int64)
+    for r in range(R):
+        primary[layout[r]] = r
+    flow = max_flow.SimpleMaxFlow()
+    src, sink = E + R, E + R + 1
+    arcs = []
+    for e in np.flatnonzero(copies > 1):
+        flow.add_arc_with_capacity(src, int(e), int(copies[e]) - 1)
+        for r in range(R):
+            if r != primary[e]:
+                arcs.append((flow.add_arc_with_capacity(int(e), E + r, 1), int(e), r))
+    for r in range(R):
+        flow.add_arc_with_capacity(E + r, sink, extra_per_rank)
+    need = int((copies - 1).sum())
+    if flow.solve(src, sink) != flow.OPTIMAL or flow.optimal_flow() < need:
+        raise ValueError(
+            f"add_replicas: {need} extra copies cannot sit on distinct ranks apart from their primaries "
+            f"({R} ranks x {extra_per_rank} slots; most copies of one expert: {int(copies.max())})"
+        )
+    extra: list[list[int]] = [[] for _ in range(R)]
+    for a, e, r in arcs:
+        if flow.flow(a):
+            extra[r].append(e)
+    return extra
 
 
 def _improve_extra(extra: list[list[int]], layout: np.ndarray, per: np.ndarray, rank_load: np.ndarray) -> None:

@@ -278,7 +278,7 @@ def _solve_layer(
     node_assign = search.a
     layout, rank_imb = _place_ranks(inst, node_assign, topology, s, bal, opt, risk)
     if opt.redundant_per_rank:
-        layout = add_replicas(layout, load, topology, opt.redundant_per_rank, copies)
+        layout = _with_replicas(layout, load, topology, opt.redundant_per_rank, copies, int(train.layer_ids[l]))
         layout = rebalance(layout, load, topology)
         holds = np.zeros((R, E))
         holds[np.repeat(np.arange(R), layout.shape[1]), layout.ravel()] = 1
@@ -299,6 +299,23 @@ def _solve_layer(
         node_overflow=search.overflow(),
         rank_imbalance=rank_imb,
     )
+
+
+def _with_replicas(layout, load, topology: Topology, n: int, copies: np.ndarray, layer: int) -> np.ndarray:
+    """add_replicas, and if the copy counts cannot sit on distinct ranks beside these primaries
+    (one very hot expert wanting nearly every rank), fewer copies of the hottest: a warning, not a crash."""
+    R = topology.ep_size
+    try:
+        return add_replicas(layout, load, topology, n, copies)
+    except ValueError as first:
+        for most in range(int(copies.max()) - 1, 0, -1):
+            try:
+                out = add_replicas(layout, load, topology, n, copy_counts(load, R * n, most))
+            except ValueError:
+                continue
+            warnings.warn(f"layer {layer}: {first}; placed at most {most} copies per expert instead", stacklevel=3)
+            return out
+        raise SolveError(f"layer {layer}: {first}") from None
 
 
 def _node_bound(inst: LayerInstance, sizes: np.ndarray, node_assign: np.ndarray, w: np.ndarray, det: bool, seconds: float) -> float:
