@@ -69,6 +69,10 @@ def cap(b: float, **kw):
         flags += f" --balance-risk {kw['balance_risk']}"
     if kw.get("inter_layer_weight"):
         flags += f" --inter-layer-weight {kw['inter_layer_weight']}"
+    if kw.get("balance_confidence"):
+        flags += f" --balance-confidence {kw['balance_confidence']}"
+    if kw.get("seed"):
+        flags += f" --seed {kw['seed']}"
     if kw.get("time_limit"):
         flags += f" --time-limit {kw['time_limit']:g}"
     return flags, {"max_imbalance": b, **kw}
@@ -97,7 +101,15 @@ def main() -> int:
     # Train-load caps (the plain mode), then the held-out-aware modes that the acceptance bound
     # (held-out imbalance <= 1.15) is about, then the inter-layer term.
     expected = [cap(b, balance_target="expected") for b in args.expected]
-    for R, G, label, more in ((16, 4, "EP16 over 4 nodes", []), (8, 1, "EP8 over 8 nodes", [cap(1.25), cap(1.25, balance_target="expected")] + [cap(b, balance_target="expected", time_limit=args.long_time_limit) for b in (1.13, 1.15)])):
+    # EP8/8 sits at the acceptance line (<= 0.74 x linear at held-out imbalance <= 1.15), where one
+    # held-out sample's noise (~0.01 in imbalance) decides: other seeds, a confidence bound, longer runs.
+    ep8_more = (
+        [cap(1.25), cap(1.25, balance_target="expected")]
+        + [cap(1.15, balance_target="expected", seed=s) for s in (1, 2, 3)]
+        + [cap(1.15, balance_target="expected", balance_confidence=0.9)]
+        + [cap(b, balance_target="expected", time_limit=args.long_time_limit) for b in (1.13, 1.15)]
+    )
+    for R, G, label, more in ((16, 4, "EP16 over 4 nodes", []), (8, 1, "EP8 over 8 nodes", ep8_more)):
         variants = [cap(b) for b in args.caps] + [cap(1.15, balance_risk=1.0)] + expected + more + [cap(1.05, inter_layer_weight=0.5)]
         rows = rows_for(trace, R, G, variants, args.time_limit)
         lines += table(f"DeepSeek-V2-Lite (`{DSV2.name}`), {label}, train = first half of requests", rows, rows[0][1].node_sends)
