@@ -91,16 +91,14 @@ class SwapSearch:
         self.MQ = ind @ self.Q  # [U, E]: Σ_{e' on u} Q[e', :]
         self.qv = np.einsum("ue,ue->u", self.MQ, ind)
 
-    def _swap_qv(self, e: int, f: int, ua: int | None = None, ub: int | None = None) -> tuple[float, float]:
-        """w'Qw of e's and f's units (ua, ub; default: their current ones) after exchanging e and f."""
+    def _swap_qv(self, e, f, ua=None, ub=None):
+        """w'Qw of e's and f's units (ua, ub; default: their current ones) after exchanging e and f.
+        Scalars, or index arrays that broadcast (repair evaluates every pair at once)."""
         ua = self.a[e] if ua is None else ua
         ub = self.a[f] if ub is None else ub
         Q, M = self.Q, self.MQ
         common = Q[e, e] + Q[f, f] - 2 * Q[e, f]
-        return (
-            float(self.qv[ua] - 2 * M[ua, e] + 2 * M[ua, f] + common),
-            float(self.qv[ub] - 2 * M[ub, f] + 2 * M[ub, e] + common),
-        )
+        return self.qv[ua] - 2 * M[ua, e] + 2 * M[ua, f] + common, self.qv[ub] - 2 * M[ub, f] + 2 * M[ub, e] + common
 
     def refresh_loads(self) -> None:
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
@@ -193,12 +191,11 @@ class SwapSearch:
             nb = self.unit_load[ub] - dl
             ma = mb = 0.0
             if self.Q is not None:
-                # margins after every swap e<->f at once (see _swap_qv)
-                Q, M, qd = self.Q, self.MQ, np.diag(self.Q)
-                common = qd[:, None] + qd[None, :] - 2 * Q
-                me = M[self.a]  # [e, f] -> M[a_e, f]
-                na = na + np.sqrt(np.maximum(self.qv[ua] - 2 * np.diag(me)[:, None] + 2 * me + common, 0))
-                nb = nb + np.sqrt(np.maximum(self.qv[ub] - 2 * np.diag(me)[None, :] + 2 * me.T + common, 0))
+                # margins after every swap e<->f at once
+                idx = np.arange(E)
+                qa, qb = self._swap_qv(idx[:, None], idx[None, :], ua, ub)
+                na = na + np.sqrt(np.maximum(qa, 0))
+                nb = nb + np.sqrt(np.maximum(qb, 0))
                 margin = self.margin()
                 ma, mb = margin[ua], margin[ub]
             over_now = np.maximum(self.unit_load[ua] + ma - self.cap[ua], 0) + np.maximum(self.unit_load[ub] + mb - self.cap[ub], 0)

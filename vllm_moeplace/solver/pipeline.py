@@ -89,25 +89,30 @@ def solve(
     spread: list = []  # std of each layer's predicted held-out imbalance
     z = statistics.NormalDist().inv_cdf(options.balance_confidence) if options.balance_confidence > 0.5 else 0.0
     noises: list[allocate.NoiseModel] = []  # per layer, built once (--balance-target expected)
+    layer_q: list[np.ndarray | None] = []  # per layer: the scaled load-risk Q, computed once
     layer_caps: dict[int, float] = {}
     for l in range(L):
         # What is left of the budget, shared by the remaining layers; 8% is kept for the fixed
         # per-layer work (patterns, bound, ranks) so the whole solve stays inside --time-limit.
         left = t0 + 0.92 * options.time_limit - time.monotonic()
         per_layer = options.time_limit / L if options.deterministic else max(0.05, left / (L - l))
+        q = _layer_q(train, l, options) if not options.redundant_per_rank or options.balance_risk > 0 else None
+        layer_q.append(q)
         if options.balance_target == "expected":
-            noises.append(_noise(train, l, options))
-            cands, imbs, stds = _solve_layer_candidates(train, l, topology, options, per_layer * _FIRST_PASS, rng, noises[-1])
+            noises.append(_noise(train, l, options, q))
+            cands, imbs, stds = _solve_layer_candidates(
+                train, l, topology, options, per_layer * _FIRST_PASS, rng, noises[-1], q=q
+            )
             results.append(cands)  # type: ignore[arg-type]  # resolved after all layers below
             expected.append(imbs)  # type: ignore[arg-type]
             spread.append(stds)
             continue
-        res = _solve_layer(train, l, topology, options, per_layer, rng, prev_nodes)
+        res = _solve_layer(train, l, topology, options, per_layer, rng, prev_nodes, q=q)
         results.append(res)
         if options.inter_layer_weight > 0:
             prev_nodes = _token_nodes(train, l, res.layout, topology)
         if not options.redundant_per_rank:
-            mean, std = _noise(train, l, options).imbalance(res.layout)
+            mean, std = _noise(train, l, options, q).imbalance(res.layout)
             expected.append(mean)
             spread.append(std)
     if options.balance_target == "expected":
@@ -128,7 +133,7 @@ def solve(
             cap = layer_caps[int(train.layer_ids[l])]
             res = _solve_layer(
                 train, l, topology, options.model_copy(update={"max_imbalance": cap}), per_layer, rng, None,
-                with_bound=False, warm=_node_assign(results[l].layout, topology),
+                with_bound=False, warm=_node_assign(results[l].layout, topology), q=layer_q[l],
             )
             imb, sd = noises[l].imbalance(res.layout)
             trial_m, trial_s = list(expected), list(spread)
@@ -227,6 +232,7 @@ def _solve_layer(
     with_bound: bool = True,
     warm: np.ndarray | None = None,
     base: LayerInstance | None = None,
+    q: np.ndarray | None = None,
 ) -> LayerResult:
     E, R = train.num_experts, topology.ep_size
     s = E // R
@@ -259,7 +265,7 @@ def _solve_layer(
     if opt.balance_folds > 1:
         fold_loads = _fold_loads(train, l, opt.balance_folds) / (1 if copies is None else copies)
         fold_caps = fold_loads.sum(axis=1, keepdims=True) * (sizes / E)[None, :] * opt.max_imbalance
-    risk = _risk(train, l, opt, copies)
+    risk = _risk(train, l, opt, copies, q)
     search = SwapSearch(
         inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal, fold_loads=fold_loads, fold_caps=fold_caps, risk=risk
     )
@@ -338,9 +344,14 @@ def _node_assign(layout: np.ndarray, topology: Topology) -> np.ndarray:
     return out
 
 
-def _noise(train: Trace, l: int, opt: SolveOptions) -> allocate.NoiseModel:
-    q = stats.load_risk(train, l) * (opt.risk_scale or 1.0)
-    return allocate.NoiseModel(LayerInstance.from_trace(train, l).expert_load(), q, seed=opt.seed)
+def _layer_q(train: Trace, l: int, opt: SolveOptions) -> np.ndarray:
+    """The layer's load-risk covariance scaled by risk_scale: one standard deviation of held-out drift."""
+    return stats.load_risk(train, l) * (opt.risk_scale or 1.0)
+
+
+def _noise(train: Trace, l: int, opt: SolveOptions, q: np.ndarray | None = None) -> allocate.NoiseModel:
+    load = np.bincount(train.topk_ids[:, l, :].ravel().astype(np.int64), minlength=train.num_experts).astype(np.float64)
+    return allocate.NoiseModel(load, _layer_q(train, l, opt) if q is None else q, seed=opt.seed)
 
 
 def _solve_layer_candidates(
@@ -351,6 +362,7 @@ def _solve_layer_candidates(
     budget: float,
     rng: np.random.Generator,
     noise: allocate.NoiseModel,
+    q: np.ndarray | None = None,
 ) -> tuple[list[LayerResult | None], list[float], list[float]]:
     """--balance-target expected: the layer solved at the caps of allocate.CAP_GRID (None where
     the hottest expert alone breaks the cap, or where the budget is too short to try every cap),
@@ -375,7 +387,7 @@ def _solve_layer_candidates(
         if i in tried:
             try:
                 res = _solve_layer(
-                    train, l, topology, opt.model_copy(update={"max_imbalance": cap}), each, rng, None, with_bound=False, warm=warm, base=inst
+                    train, l, topology, opt.model_copy(update={"max_imbalance": cap}), each, rng, None, with_bound=False, warm=warm, base=inst, q=q
                 )
             except SolveError:
                 res = None
@@ -486,12 +498,15 @@ def _neighbourhood(search: SwapSearch, N: int, pairs, order, k: int, rng: np.ran
     return units, np.concatenate(free)
 
 
-def _risk(train: Trace, l: int, opt: SolveOptions, copies: np.ndarray | None) -> np.ndarray | None:
+def _risk(
+    train: Trace, l: int, opt: SolveOptions, copies: np.ndarray | None, q: np.ndarray | None = None
+) -> np.ndarray | None:
     """Q with sqrt(w'Qw) = balance_risk standard deviations of a unit's held-out load (None: off).
-    With copies, each copy carries 1/copies of its expert's pairs, so Q scales by both shares."""
+    With copies, each copy carries 1/copies of its expert's pairs, so Q scales by both shares.
+    q: the layer's `_layer_q`, when the caller already has it."""
     if opt.balance_risk <= 0:
         return None
-    q = stats.load_risk(train, l) * (opt.risk_scale or 1.0) * opt.balance_risk**2
+    q = (_layer_q(train, l, opt) if q is None else q) * opt.balance_risk**2
     if copies is not None:
         q = q / np.outer(copies, copies)
     return q
