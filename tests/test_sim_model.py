@@ -154,11 +154,18 @@ def test_message_counts_match_placement_metrics(R, g, redundant):
     m = evaluate_layers({1: a}, topo, trace)
     all_ids = np.tile(ids, (R, 1))
     all_org = np.repeat(np.arange(R), T)
-    agg = layer_traffic(a, topo, E, all_ids, all_org, True)
-    direct = layer_traffic(a, topo, E, all_ids, all_org, False)
+    key = np.tile(np.arange(T), R)  # the replica rule's spread key: the token's trace row
+    agg = layer_traffic(a, topo, E, all_ids, all_org, True, spread=key)
+    direct = layer_traffic(a, topo, E, all_ids, all_org, False, spread=key)
     assert agg.rdma_messages / (T * R) == pytest.approx(m.node_sends)
     assert (direct.rdma_messages + direct.nvl_messages) / (T * R) == pytest.approx(m.rank_sends)
     assert agg.pairs.sum() == T * R * K
+    # rank loads over all origins = the metrics' expected pairs per rank (x R)
+    from vllm_moeplace.solver.metrics import _holds, rule_hosts, rule_rank_load
+
+    D = rule_hosts(a, topo, E, ids)
+    load = np.bincount(ids.ravel(), minlength=E).astype(float)
+    assert agg.pairs / R == pytest.approx(rule_rank_load(_holds(a, E), load, D, ids, topo))
 
 
 def test_sample_batches_deal_exactly_n_tokens_per_rank():

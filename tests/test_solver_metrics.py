@@ -15,8 +15,8 @@ from vllm_moeplace.solver.metrics import (
     MetricsError,
     evaluate_layers,
     evaluate_layers_reference,
-    host_map,
 )
+from vllm_moeplace.replica import candidate_table, select
 from vllm_moeplace.solver import stats
 from vllm_moeplace.trace import Trace, load_trace
 
@@ -50,24 +50,29 @@ def test_golden_two_nodes_no_redundancy():
     assert m.imbalance == pytest.approx(1.5)
 
 
-def test_golden_redundancy_host_rule():
-    # 2 nodes {0,1},{2,3}; every expert has two copies.
+def test_golden_redundancy_replica_rule():
+    # 2 nodes {0,1},{2,3}; every expert has two copies. Physical ids p = r*2 + s.
     topo = Topology.uniform(4, 2)
     a = np.array([[0, 1], [2, 0], [3, 1], [2, 3]])
-    H = host_map(a, topo, 4)
-    # origin 0 holds 0 and 1; expert 2 is on node 0 at rank 1; expert 3 only on node 1 -> rank 2.
-    assert H[0].tolist() == [0, 0, 1, 2]
-    # origin 3 holds 2 and 3; expert 1 has a copy on its node (rank 2); expert 0 -> lowest holder 0.
-    assert H[3].tolist() == [0, 2, 3, 3]
+    tab = candidate_table(a, 4, topo.node_of_rank)
+    # origin 0 holds 0 and 1 (p0, p1); expert 2 is on node 0 at rank 1 (p2); expert 3 only on
+    # node 1: both copies (p4 on rank 2, p7 on rank 3) are candidates.
+    assert [tab.cand[0, e, : tab.count[0, e]].tolist() for e in range(4)] == [[0], [1], [2], [4, 7]]
+    # origin 3 holds 2 and 3; expert 1 has a copy on its node (p5); expert 0 is on node 0 only.
+    assert [tab.cand[3, e, : tab.count[3, e]].tolist() for e in range(4)] == [[0, 3], [5], [6], [7]]
     tr = make_trace([[[0, 3]], [[1, 2]], [[0, 1]]], 4)
+    # spread key = row: token 0 picks expert 3 (k=1) by (0*2+1) mod 2 = 1 -> p7 (rank 3);
+    # token 2 picks expert 0 (k=0) by (2*2+0) mod 2 = 0 -> p0 (rank 0).
+    assert select(tab, tr.topk_ids[:, 0], 0, np.arange(3))[0].tolist() == [0, 7]
+    assert select(tab, tr.topk_ids[:, 0], 3, np.arange(3))[2].tolist() == [0, 5]
     m = evaluate_layers({1: a}, topo, tr)
     # hand-computed per origin (see docs/metrics.md worked example):
     # {0,3}: rank 1, node 1, hop 1; {1,2}: rank 1, node 0, hop 0; {0,1}: rank 1, node 0.5, hop 0.5.
     assert m.rank_sends == pytest.approx(1.0)
     assert m.node_sends == pytest.approx(0.5)
     assert m.hop_cost == pytest.approx(0.5)
-    # loads (pairs split over 2 copies): r0 2, r1 1.5, r2 1.5, r3 1 -> 2 / 1.5.
-    assert m.imbalance == pytest.approx(4 / 3)
+    # expected pairs served, mean over origins: r0 2.5, r1 1, r2 1.25, r3 1.25 -> 2.5 / 1.5.
+    assert m.imbalance == pytest.approx(5 / 3)
     ref = evaluate_layers_reference({1: a}, topo, tr)
     for k in METRIC_NAMES:
         assert getattr(m, k) == pytest.approx(ref[k])
@@ -158,12 +163,36 @@ def test_fast_agrees_with_reference(inst):
         assert getattr(fast, k) == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_fast_agrees_with_reference_with_copies(R, S, extra, seed):
+    """Every instance has copies (1-3 extra slots per rank) and enough tokens for the spread key
+    to cycle through several copies: the vectorised scorer equals the oracle built on select()."""
+    rng = np.random.default_rng(seed)
+    E = R * S
+    G = next(g for g in (3, 2, 1) if R % g == 0 and (g < R or R == 1))
+    topo = Topology.uniform(R, G)
+    layers = {}
+    for lid in (1, 2):
+        base = rng.permutation(E).reshape(R, S)
+        rows = [row.tolist() + [int(e) for e in rng.permutation(E) if e not in row][: min(extra, E - S)] for row in base]
+        layers[lid] = np.array(rows)
+    K = min(3, E)
+    ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(2)]) for _ in range(12)])
+    tr = make_trace(ids, E)
+    fast = evaluate_layers(layers, topo, tr)
+    ref = evaluate_layers_reference(layers, topo, tr)
+    for k in METRIC_NAMES:
+        assert getattr(fast, k) == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
+
+
 @settings(max_examples=30, deadline=None)
 @given(instances(), st.integers(0, 2**32 - 1))
 def test_invariant_under_relabelling_ranks_within_a_node(inst, seed):
     """Permuting ranks inside each node (contiguous uniform nodes) changes no node-level metric;
-    rank_sends is invariant too when there is no redundancy (with copies, the 'lowest-numbered
-    rank on the node' tie-break can merge or split rank messages)."""
+    rank_sends and imbalance are invariant too when there is no redundancy. With copies, the rule's
+    ascending-rank order among a node's copies decides which copy a token picks, so relabelling
+    can merge or split rank messages and move load between the ranks of a node."""
     _, layers, tr = inst
     R = next(iter(layers.values())).shape[0]
     G = next(g for g in (2, 1) if R % g == 0)
@@ -172,10 +201,11 @@ def test_invariant_under_relabelling_ranks_within_a_node(inst, seed):
     pi = np.concatenate([rng.permutation(np.arange(s, s + G)) for s in range(0, R, G)])
     moved = {l: a[np.argsort(pi)] for l, a in layers.items()}  # rank pi[r] now holds a[r]
     m0, m1 = evaluate_layers(layers, topo, tr), evaluate_layers(moved, topo, tr)
-    for k in ("node_sends", "hop_cost", "imbalance", "inter_layer_node_sends"):
+    for k in ("node_sends", "hop_cost", "inter_layer_node_sends"):
         assert getattr(m1, k) == pytest.approx(getattr(m0, k), rel=1e-12), k
     if all(a.size == tr.num_experts for a in layers.values()):
         assert m1.rank_sends == pytest.approx(m0.rank_sends, rel=1e-12)
+        assert m1.imbalance == pytest.approx(m0.imbalance, rel=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

@@ -5,9 +5,11 @@ Inputs: per-layer placements {decoder_layer: int [R, S]} (logical expert in each
 and their origin ranks `origins` [B], and the `Hardware` / `ModelShape` parameters.
 
 Per MoE layer:
-1. Which copy serves a (token, expert) pair: `host(o, e)` exactly as the placement metrics define
-   it (own rank, else the lowest-numbered holder on the origin's node, else the lowest-numbered
-   holder anywhere), so simulated traffic and `node_sends` / `rank_sends` count the same thing.
+1. Which copy serves a (token, expert) pair: the one replica rule of `vllm_moeplace.replica`
+   (origin-node-spread/v1: own rank, else copy (t*K + k) mod n among the n copies on the origin's
+   node, else (t*K + k) mod c among all c copies, t = the token's spread key), exactly as the
+   placement metrics and the server use it, so simulated traffic and `node_sends` / `rank_sends`
+   count the same thing.
 2. Messages (one message = one token's hidden vector). With node aggregation (DeepEP normal
    kernels): for each remote node m the token's experts touch, one RDMA message from the origin o
    to peer(o, m) = the rank of m with o's local index; then one NVLink message from the node's
@@ -34,7 +36,7 @@ import numpy as np
 
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.sim.network import Hardware, ModelShape
-from vllm_moeplace.solver.metrics import host_map
+from vllm_moeplace.replica import candidate_table, select
 
 GB = 1e9
 US = 1e-6
@@ -103,14 +105,20 @@ def layer_traffic(
     ids: np.ndarray,
     origins: np.ndarray,
     node_aggregation: bool = True,
+    spread: np.ndarray | None = None,
 ) -> LayerTraffic:
-    """Count messages and work for tokens `ids` int [B, K] starting on ranks `origins` int [B]."""
+    """Count messages and work for tokens `ids` int [B, K] starting on ranks `origins` int [B].
+
+    `spread`: the replica rule's spread key per token (default: its index in the batch; the
+    simulator passes the token's trace row, as `moeplace evaluate` does)."""
     R, E = topology.ep_size, num_experts
     ids = np.asarray(ids, dtype=np.int64)
     origins = np.asarray(origins, dtype=np.int64)
     B, K = ids.shape
-    H = host_map(np.asarray(placement, dtype=np.int64), topology, E)  # [R, E]
-    hosts = H[origins[:, None], ids]  # [B, K]
+    a = np.asarray(placement, dtype=np.int64)
+    key = np.arange(B, dtype=np.int64) if spread is None else np.asarray(spread, dtype=np.int64)
+    table = candidate_table(a, E, topology.node_of_rank)
+    hosts = select(table, ids, origins, key) // a.shape[1]  # [B, K] ranks
     pairs = np.bincount(hosts.ravel(), minlength=R)
     used = np.unique(hosts.ravel() * E + ids.ravel())  # distinct (rank, expert) with work
     active = np.bincount(used // E, minlength=R)

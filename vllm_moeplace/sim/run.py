@@ -89,7 +89,9 @@ def simulate(
         if a is None:
             a = linear_layout(trace.num_experts, topology.ep_size)
         for b in batches:
-            t = layer_traffic(a, topology, trace.num_experts, trace.topk_ids[b.tokens, li, :], b.origins, hw.node_aggregation)
+            t = layer_traffic(
+                a, topology, trace.num_experts, trace.topk_ids[b.tokens, li, :], b.origins, hw.node_aggregation, spread=b.tokens
+            )
             lt: LayerTime = layer_time(t, hw, shape)
             d[li] += lt.dispatch
             x[li] += lt.compute

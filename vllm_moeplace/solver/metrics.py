@@ -3,23 +3,26 @@
 For a token t at MoE layer l with chosen experts X, ranks 0..R-1 grouped into nodes, the token's
 origin rank o uniform over all ranks and independent of its routing:
 
-- host(o, e): the rank serving expert e for origin o = o itself if o holds a copy, else the
-  lowest-numbered rank on o's node holding a copy, else the lowest-numbered rank holding a copy.
+- host(o, t, k): the rank serving the k-th expert e of token t for origin o, by the one replica
+  rule of `vllm_moeplace.replica` (origin-node-spread/v1): o itself if it holds a copy, else copy
+  (t*K + k) mod n among the n copies on o's node, else copy (t*K + k) mod c among all c copies
+  (ascending rank order), with spread key t = the token's row in the trace.
 - rank_sends = mean_o |{host(o, e) : e in X} \\ {o}|          (distinct remote ranks)
 - node_sends = mean_o |{node(host(o, e)) : e in X} \\ {node(o)}|  (distinct remote nodes)
 - hop_cost   = mean_o sum_{e in X} link_cost[node(o)][node(host(o, e))]   (pairs, not deduplicated)
 - inter_layer_node_sends = mean_o |N_{l+1}(o) \\ N_l(o)| over consecutive MoE layers (l, l+1),
   N_l(o) = {node(host(o, e)) : e in X_l}: the nodes a token must newly reach at the next layer if
   its state stayed where its previous experts ran (ExFlow / MoETuner, arXiv 2502.06643).
-- imbalance  = max_r load_r / mean_r load_r, load_r = (token, expert) pairs hosted on r, a
-  replicated expert's pairs split evenly among its copies.
+- imbalance  = max_r load_r / mean_r load_r, load_r = mean_o of the (token, expert) pairs the rule
+  sends to r from origin o (the expected pairs r serves).
 
 Each metric is averaged over (token, layer) (imbalance: over layers; inter-layer: over tokens and
 layer pairs). Without redundant copies host(o, e) does not depend on o, and the averages over o
 have closed forms: rank_sends = |ranks(X)| (1 - 1/R), node_sends = sum_{n in nodes(X)} (1 - g_n/R).
 
 Two implementations: `evaluate_layers_reference` loops per token and per origin in plain Python
-(the test oracle, obviously correct, slow); `evaluate_layers` is vectorised (used everywhere).
+calling `replica.select` (the test oracle, obviously correct, slow); `evaluate_layers` is
+vectorised (used everywhere).
 Pure numpy: no vLLM or torch.
 """
 
@@ -32,6 +35,7 @@ import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Plan, PlanError, Topology, linear_layout
+from vllm_moeplace.replica import candidate_table, is_identity_rule, node_candidates, select
 from vllm_moeplace.trace import Trace
 
 METRIC_NAMES = ("node_sends", "rank_sends", "hop_cost", "imbalance", "inter_layer_node_sends")
@@ -103,24 +107,22 @@ def _holds(a: np.ndarray, E: int) -> np.ndarray:
     return h
 
 
-def node_default_hosts(holds: np.ndarray, topology: Topology) -> np.ndarray:
-    """int [N, E]: the rank serving e for an origin on node n that holds no copy itself: the
-    lowest-numbered rank on n holding e, else the lowest-numbered rank holding e."""
-    lowest_global = np.argmax(holds, axis=0)  # first True = lowest-numbered holder
-    D = np.empty((topology.num_nodes, holds.shape[1]), dtype=np.int64)
-    for n, ranks in enumerate(topology.nodes):
-        ranks = np.sort(np.asarray(ranks, dtype=np.int64))
-        sub = holds[ranks]  # [g, E]
-        D[n] = np.where(sub.any(axis=0), ranks[np.argmax(sub, axis=0)], lowest_global)
-    return D
+def rule_hosts(a: np.ndarray, topology: Topology, E: int, ids: np.ndarray) -> np.ndarray:
+    """int64 [N, T, K]: per origin node n, the rank serving each (token, position) for an origin on
+    n that holds no copy of the expert (steps 2-3 of the replica rule; spread key = row0 + row).
 
-
-def host_map(a: np.ndarray, topology: Topology, E: int) -> np.ndarray:
-    """int [R, E]: host(o, e), the rank that serves expert e for a token originating on rank o."""
-    holds = _holds(a, E)  # [R, E]
-    D = node_default_hosts(holds, topology)
-    ranks = np.arange(topology.ep_size)
-    return np.where(holds, ranks[:, None], D[topology.node_of_rank])
+    An origin holding the expert serves it itself; every other origin on n gets this host, which
+    depends on n but not on the origin's rank: the reason the metrics can work per node.
+    Spread key of a token = its row in `ids`."""
+    ids = np.asarray(ids, dtype=np.int64)
+    T, K = ids.shape
+    S = a.shape[1]
+    ncand, ncount = node_candidates(a, E, topology.node_of_rank)
+    key = np.arange(T, dtype=np.int64)[:, None] * K + np.arange(K)[None, :]  # [T, K]
+    out = np.empty((ncand.shape[0], T, K), dtype=np.int64)
+    for n in range(ncand.shape[0]):
+        out[n] = ncand[n][ids, key % ncount[n][ids]] // S
+    return out
 
 
 # ---- fast implementation -----------------------------------------------------------------------
@@ -141,12 +143,25 @@ def _node_membership(node_ids: np.ndarray, num_nodes: int) -> np.ndarray:
     return m
 
 
-def _imbalance(a: np.ndarray, load: np.ndarray, E: int) -> float:
-    holds = _holds(a, E)
-    copies = holds.sum(axis=0)  # [E]
-    rank_load = holds.astype(np.float64) @ (load / copies)  # [R]
+def _imbalance_single(a: np.ndarray, load: np.ndarray) -> float:
+    """max/mean rank load when every expert has one copy (the rule is the identity)."""
+    rank_load = load[a].sum(axis=1)
     mean = rank_load.mean()
     return float(rank_load.max() / mean) if mean > 0 else 1.0
+
+
+def rule_rank_load(holds: np.ndarray, load: np.ndarray, D: np.ndarray, ids: np.ndarray, topology: Topology) -> np.ndarray:
+    """float [R]: expected (token, expert) pairs each rank serves under the rule, mean over origins.
+
+    holds bool [R, E]; load [E] pairs per expert; D = `rule_hosts` [N, T, K] for tokens `ids` [T, K].
+    A pair on e is served by each origin holding e itself (1/R each), and by D[n] for the
+    g_n - h_n(e) origins of node n that hold no copy (h_n(e): ranks of n holding e)."""
+    R = topology.ep_size
+    out = holds.astype(np.float64) @ load
+    for n, ranks in enumerate(topology.nodes):
+        w = len(ranks) - holds[np.asarray(ranks)].sum(axis=0)  # [E] origins of n without a copy
+        out += np.bincount(D[n].ravel(), weights=w[ids].ravel().astype(np.float64), minlength=R)
+    return out / R
 
 
 def evaluate_layers(layers: dict[int, np.ndarray], topology: Topology, trace: Trace) -> Metrics:
@@ -167,11 +182,12 @@ def evaluate_layers(layers: dict[int, np.ndarray], topology: Topology, trace: Tr
         a = placed[lid]
         ids = trace.topk_ids[:, li, :].astype(np.int64)  # [T, K]
         load = np.bincount(ids.ravel(), minlength=E).astype(np.float64)
-        im[li] = _imbalance(a, load, E)
-        H = host_map(a, topology, E)  # [R, E]
-        if (H == H[:1]).all():
+        if is_identity_rule(a, E):
             # No origin-dependence (every expert has one copy): closed forms over uniform origins.
-            hosts = np.sort(H[0][ids], axis=1)  # [T, K]
+            im[li] = _imbalance_single(a, load)
+            H = np.empty(E, dtype=np.int64)
+            H[a.ravel()] = np.repeat(np.arange(R), a.shape[1])
+            hosts = np.sort(H[ids], axis=1)  # [T, K]
             rs[li] = _distinct_mask(hosts).sum(axis=1).mean() * (1.0 - 1.0 / R)
             members = _node_membership(node_of_rank[hosts], N)  # [T, N]
             ns[li] = (members @ node_w).mean()
@@ -179,23 +195,27 @@ def evaluate_layers(layers: dict[int, np.ndarray], topology: Topology, trace: Tr
             hc[li] = mean_cost_to[node_of_rank[hosts]].sum(axis=1).mean()
             members = members[None]  # one origin group
         else:
-            # With copies, host(o, e) depends on o only through o's node, except that o's own
-            # copies are local: node-level metrics are computed once per node (weight g_n / R),
-            # rank_sends per origin from the node's default hosts with o's own experts removed.
+            # With copies the rule's host depends on the origin o only through o's node n, except
+            # that o serves its own copies itself (and then the host is on n anyway): node-level
+            # metrics are computed once per node (weight g_n / R); rank_sends per origin from the
+            # node's hosts D[n] with o's own experts removed.
             holds = _holds(a, E)
-            D = node_default_hosts(holds, topology)  # [N, E]
+            D = rule_hosts(a, topology, E, ids)  # [N, T, K]
+            rl = rule_rank_load(holds, load, D, ids, topology)
+            im[li] = float(rl.max() / rl.mean()) if rl.mean() > 0 else 1.0
             members = np.zeros((N, T, N), dtype=bool)
             r_acc = n_acc = h_acc = 0.0
             for n, ranks in enumerate(topology.nodes):
                 w = len(ranks) / R
-                key = np.sort(D[n][ids] * E + ids, axis=1)  # token's experts grouped by default host
+                key = np.sort(D[n] * E + ids, axis=1)  # token's experts grouped by their host
                 hosts, es = key // E, key % E  # [T, K], hosts sorted per row
                 nodes = node_of_rank[hosts]
                 members[n] = _node_membership(nodes, N)
                 n_acc += w * (members[n].sum(axis=1).mean() - members[n][:, n].mean())
                 h_acc += w * cost[n][nodes].sum(axis=1).mean()
-                # Groups = (token, distinct default host). Origin o messages a group's host unless
-                # o holds every expert of the group itself; count those fully-held groups sparsely.
+                # Groups = (token, distinct host). Origin o messages a group's host unless o holds
+                # every expert of the group itself (then the group's host is o or o serves them
+                # all locally); count those fully-held groups sparsely.
                 gid = np.cumsum(_distinct_mask(hosts).ravel()) - 1  # [T*K] group of each slot
                 num_groups = int(gid[-1]) + 1
                 size = np.bincount(gid, minlength=num_groups)
@@ -259,38 +279,31 @@ def evaluate_layers_reference(layers: dict[int, np.ndarray], topology: Topology,
     cost = topology.link_cost
     T, L, K = trace.topk_ids.shape
     lids = trace.layer_ids.tolist()
+    tables = {lid: candidate_table(placed[lid], E, topology.node_of_rank) for lid in lids}
 
-    def host(a: np.ndarray, o: int, e: int) -> int:
-        holders = sorted(r for r in range(R) if e in a[r].tolist())
-        if o in holders:
-            return o
-        same_node = [r for r in holders if node[r] == node[o]]
-        return same_node[0] if same_node else holders[0]
+    def hosts_of(li: int, t: int, o: int) -> list[int]:
+        """Ranks serving token t's experts at layer li for origin o: the replica rule, as served."""
+        lid = lids[li]
+        phys = select(tables[lid], trace.topk_ids[t : t + 1, li], o, np.array([t]))[0]
+        return [int(p) // placed[lid].shape[1] for p in phys]
 
     ns_sum = rs_sum = hc_sum = inter_sum = 0.0
     imb_sum = 0.0
-    for li, lid in enumerate(lids):
-        a = placed[lid]
+    for li in range(L):
         load = [0.0] * R
-        copies = {e: sum(1 for r in range(R) if e in a[r].tolist()) for e in range(E)}
         for t in range(T):
-            for e in trace.topk_ids[t, li].tolist():
-                for r in range(R):
-                    if e in a[r].tolist():
-                        load[r] += 1.0 / copies[e]
-        imb_sum += max(load) / (sum(load) / R)
-        for t in range(T):
-            X = trace.topk_ids[t, li].tolist()
             for o in range(R):
-                hosts = [host(a, o, e) for e in X]
+                hosts = hosts_of(li, t, o)
+                for h in hosts:
+                    load[h] += 1.0 / R  # origins are uniform: each carries 1/R of the token
                 rs_sum += len({h for h in hosts if h != o}) / R
                 ns_sum += len({node[h] for h in hosts if node[h] != node[o]}) / R
                 hc_sum += sum(cost[node[o]][node[h]] for h in hosts) / R
                 if li > 0:
-                    prev = placed[lids[li - 1]]
-                    prev_nodes = {node[host(prev, o, e)] for e in trace.topk_ids[t, li - 1].tolist()}
+                    prev_nodes = {node[h] for h in hosts_of(li - 1, t, o)}
                     now_nodes = {node[h] for h in hosts}
                     inter_sum += len(now_nodes - prev_nodes) / R
+        imb_sum += max(load) / (sum(load) / R)
     return {
         "node_sends": ns_sum / (T * L),
         "rank_sends": rs_sum / (T * L),
