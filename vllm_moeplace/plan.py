@@ -11,13 +11,17 @@ Worked example: 8 experts over 2 ranks, layer 1 placed `[[0, 5, 2, 7], [4, 1, 6,
 holds experts 0, 5, 2, 7 in local slots 0..3 and rank 1 holds 4, 1, 6, 3. vLLM's default
 (`linear`) layout would be `[[0, 1, 2, 3], [4, 5, 6, 7]]`.
 
-The file format is frozen at version 1 (other tools read it):
+The file format (other tools read it): version 1 places each expert once per layer; version 2
+adds redundant copies and names the replica-selection rule that serves them (`replica.py`).
+Both are read; a plan is written as version 1 when it has no copies, so older readers keep
+working, and as version 2 when it has copies (older readers refuse it, as they could not serve it):
 
     {"format": "vllm-moeplace/plan", "version": 1,
      "model": {"name": "...", "num_experts": 64, "moe_layers": [1, 2, 3]},
      "ep_size": 16,
      "topology": {"ranks_per_node": 4}   # or {"nodes": [[0,1],[2,3]], "link_cost": [[0,1],[1,0]]}
      "layers": {"1": [[3, 17, 40, 61], ...one list per EP rank...]},
+     "replica_rule": "origin-node-spread/v1",   # version 2 only, optional: the one rule there is
      "solver": {...free-form provenance...}}
 
 This module is pure Python + numpy + pydantic: the solver, the evaluator and the vLLM plugin all
@@ -39,7 +43,9 @@ from vllm_moeplace.jsonio import read_json
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PLAN_FORMAT = "vllm-moeplace/plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 1  # written when no layer has copies
+PLAN_VERSION_COPIES = 2  # written when some layer has redundant copies
+READ_VERSIONS = (PLAN_VERSION, PLAN_VERSION_COPIES)
 
 
 class PlanError(MoeplaceError):
@@ -88,6 +94,8 @@ class PlanModel(BaseModel):
     ep_size: int = Field(gt=0)
     topology: TopologySpec
     layers: dict[str, list[list[int]]]
+    replica_rule: str | None = None
+    """Version 2: how a token picks among an expert's copies (`replica.REPLICA_RULE`)."""
     solver: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("format")
@@ -100,8 +108,8 @@ class PlanModel(BaseModel):
     @field_validator("version")
     @classmethod
     def _version(cls, v: int) -> int:
-        if v != PLAN_VERSION:
-            raise ValueError(f"unsupported version {v!r}; this vllm-moeplace reads version {PLAN_VERSION}")
+        if v not in READ_VERSIONS:
+            raise ValueError(f"unsupported version {v!r}; this vllm-moeplace reads versions {READ_VERSIONS}")
         return v
 
 
@@ -218,15 +226,20 @@ class Plan:
 
     # ---- I/O ----------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {
+        from vllm_moeplace.replica import REPLICA_RULE
+
+        out: dict[str, Any] = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": PLAN_VERSION_COPIES if self.has_redundancy() else PLAN_VERSION,
             "model": {"name": self.model_name, "num_experts": self.num_experts, "moe_layers": self.moe_layers},
             "ep_size": self.ep_size,
             "topology": self.topology.to_json(),
             "layers": {str(k): v.tolist() for k, v in sorted(self.layers.items())},
-            "solver": self.solver,
         }
+        if self.has_redundancy():
+            out["replica_rule"] = REPLICA_RULE
+        out["solver"] = self.solver
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         validate_plan(self)
@@ -265,14 +278,16 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
         if fmt != PLAN_FORMAT:
             raise PlanError(f"{source}: field 'format': unknown format {fmt!r}; expected {PLAN_FORMAT!r}")
         ver = data.get("version")
-        if ver != PLAN_VERSION:
+        if type(ver) is not int or ver not in READ_VERSIONS:
             raise PlanError(
-                f"{source}: field 'version': unsupported version {ver!r}; this vllm-moeplace reads version {PLAN_VERSION}"
+                f"{source}: field 'version': unsupported version {ver!r}; this vllm-moeplace reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}"
             )
     try:
         m = PlanModel.model_validate(data)
     except ValidationError as e:
         raise _first_pydantic_error(source, e) from None
+    _check_replica_rule(m, source)
     topo = Topology.from_spec(m.topology, m.ep_size, where=f"{source}: field 'topology'")
     layers: dict[int, np.ndarray] = {}
     for key, ranks in m.layers.items():
@@ -300,6 +315,22 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
     )
     validate_plan(plan)
     return plan
+
+
+def _check_replica_rule(m: PlanModel, source: str) -> None:
+    from vllm_moeplace.replica import REPLICA_RULE
+
+    if m.replica_rule is None:
+        return
+    if m.version == PLAN_VERSION:
+        raise PlanError(
+            f"{source}: field 'replica_rule': value {m.replica_rule!r}: version 1 plans have no replica rule "
+            f"(write version {PLAN_VERSION_COPIES})"
+        )
+    if m.replica_rule != REPLICA_RULE:
+        raise PlanError(
+            f"{source}: field 'replica_rule': unknown rule {m.replica_rule!r}; this vllm-moeplace serves {REPLICA_RULE!r}"
+        )
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

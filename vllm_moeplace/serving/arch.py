@@ -61,9 +61,13 @@ class MoeArch:
         raise AttributeError(f"{self.name} config has none of {self.num_experts_attrs}")
 
     def expert_groups(self, hf_config: Any) -> int:
-        """Number of contiguous expert-id groups of grouped top-k routing (1 = not grouped)."""
-        if self.name.startswith("Deepseek"):
-            return int(getattr(hf_config, "n_group", None) or 1)
+        """Number of contiguous expert-id groups of grouped top-k routing (1 = not grouped), read
+        from the config whatever the architecture: DeepSeek/GLM/Kimi write `n_group`, others
+        `num_expert_group`."""
+        for attr in ("n_group", "num_expert_group"):
+            value = getattr(hf_config, attr, None)
+            if value is not None and int(value) > 1:
+                return int(value)
         return 1
 
 

@@ -210,30 +210,61 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
 
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
+    from vllm_moeplace.serving import mapping
     from vllm_moeplace.serving.remap import WeightRemapper
-    from vllm_moeplace.serving.validate import check_server
+    from vllm_moeplace.serving.validate import MAP, check_server, mechanism
 
     plan = st.load_checked(req.plan_path, req.plan_sha256)
     arch = check_server(plan, vllm_config)
     if not isinstance(loader, DefaultModelLoader):
         raise PlanError(f"{plan.source}: model loader {type(loader).__name__} is not supported with a plan")
-    remapper = WeightRemapper(plan, arch)
-    inner = loader.get_all_weights
-    # Instance attribute, only for this one load: the class stays untouched.
-    loader.get_all_weights = lambda mc, model: remapper(inner(mc, model))
-    try:
-        model = orig(*bound.args, **bound.kwargs)
-    finally:
-        del loader.get_all_weights
-    remapper.check_complete()
-    verify_physical_layout(model, plan)
+    mech = mechanism(plan, arch, vllm_config.model_config.hf_config)
+    if mech == MAP:
+        model, moved = _load_mapped(orig, bound, loader, plan, mapping)
+    else:
+        remapper = WeightRemapper(plan, arch)
+        inner = loader.get_all_weights
+        # Instance attribute, only for this one load: the class stays untouched.
+        loader.get_all_weights = lambda mc, model: remapper(inner(mc, model))
+        try:
+            model = orig(*bound.args, **bound.kwargs)
+        finally:
+            del loader.get_all_weights
+        remapper.check_complete()
+        verify_physical_layout(model, plan)
+        moved = remapper.renamed
     # One line per rank, with the rank and the plan's hash: deploy/check_applied.sh reads these
     # from every node's log to prove the whole EP group serves the same plan.
     logger.info(
-        "vllm-moeplace: placed experts of %d layers per %s (%d expert tensors renamed) ep_rank=%d/%d sha256=%s",
-        len(plan.layers), plan.source, remapper.renamed, _ep_rank(), plan.ep_size, (req.plan_sha256 or "")[:12],
+        "vllm-moeplace: placed experts of %d layers per %s (mechanism %s, %d %s) ep_rank=%d/%d sha256=%s",
+        len(plan.layers), plan.source, mech, moved, "layers mapped" if mech == MAP else "expert tensors renamed",
+        _ep_rank(), plan.ep_size, (req.plan_sha256 or "")[:12],
     )
     return model
+
+
+def _load_mapped(orig: Any, bound: inspect.BoundArguments, loader: Any, plan: Any, mapping: Any) -> tuple[Any, int]:
+    """The mapping mechanism (serving/mapping.py): build the main model with R*S physical slots
+    per MoE layer, install the per-layer loading map and logical->physical table between
+    construction and weight loading, then verify the built layout."""
+    inner = loader.load_weights
+    installed: list[int] = []
+
+    def load_weights(model: Any, model_config: Any) -> Any:
+        installed.append(mapping.install(model, plan))
+        return inner(model, model_config)
+
+    loader.load_weights = load_weights  # instance attribute, for this one load only
+    try:
+        with mapping.physical_slots(plan):
+            model = orig(*bound.args, **bound.kwargs)
+    finally:
+        del loader.load_weights
+    verify_physical_layout(model, plan, physical=plan.ep_size * plan.slots_per_rank())
+    for layer, runner in mapping.runners_by_layer(model).items():
+        if layer in plan.layers and not mapping.is_installed(runner.router):
+            raise PlanError(f"{plan.source}: field 'layers.{layer}': the logical->physical table was not installed")
+    return model, installed[0] if installed else 0
 
 
 def _ep_rank() -> int:
@@ -246,9 +277,10 @@ def _ep_rank() -> int:
         return -1
 
 
-def verify_physical_layout(model: Any, plan: Any) -> None:
-    """Every planned layer's RoutedExperts must use vLLM's linear layout with S = E/R slots per
-    rank: the plan's slot s of rank r is physical expert r*S+s only under that layout."""
+def verify_physical_layout(model: Any, plan: Any, physical: int | None = None) -> None:
+    """Every planned layer's RoutedExperts must use vLLM's linear layout with S slots per rank over
+    `physical` = R*S physical experts (default: num_experts, the permutation mechanism): the plan's
+    slot s of rank r is physical expert r*S+s only under that layout."""
     import re
 
     import torch
@@ -257,6 +289,7 @@ def verify_physical_layout(model: Any, plan: Any) -> None:
     from vllm_moeplace.plan import PlanError
 
     S = plan.slots_per_rank()
+    P = plan.num_experts if physical is None else physical
     seen = set()
     for mod in model.modules():
         if not isinstance(mod, RoutedExperts):
@@ -267,11 +300,11 @@ def verify_physical_layout(model: Any, plan: Any) -> None:
         layer = int(m.group(1))
         seen.add(layer)
         ep_rank = mod.moe_config.moe_parallel_config.ep_rank
-        expected = torch.full((plan.num_experts,), -1, dtype=torch.int32)
+        expected = torch.full((P,), -1, dtype=torch.int32)
         expected[ep_rank * S : (ep_rank + 1) * S] = torch.arange(S, dtype=torch.int32)
         emap = mod.expert_map_manager.expert_map
         if (
-            mod.global_num_experts != plan.num_experts
+            mod.global_num_experts != P
             or mod.local_num_experts != S
             or emap is None
             or not torch.equal(emap.cpu().to(torch.int32), expected)

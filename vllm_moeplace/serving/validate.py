@@ -65,26 +65,75 @@ def check_plan_fits(plan: Plan, hf_config: Any, ep_enabled: bool, ep_size: int) 
                 f"{src}: field 'layers.{layer}': layer {layer} is not a MoE layer of the model "
                 f"(MoE layers: {_ranges(moe_layers)})"
             )
-    if plan.has_redundancy():
-        raise PlanError(
-            f"{src}: field 'layers': value {plan.slots_per_rank()} slots per rank x {plan.ep_size} ranks > "
-            f"{E} experts: redundant expert copies are not supported yet"
-        )
-    groups = arch.expert_groups(hf_config)
-    if groups > 1:
-        size = E // groups
-        for layer, a in sorted(plan.layers.items()):
-            perm = a.reshape(-1)
-            bad = np.nonzero(perm // size != np.arange(perm.size) // size)[0]
-            if bad.size:
-                p = int(bad[0])
-                raise PlanError(
-                    f"{src}: field 'layers.{layer}': rank {p // a.shape[1]} slot {p % a.shape[1]} holds expert "
-                    f"{int(perm[p])} of group {int(perm[p]) // size}, but that slot belongs to group {p // size}; "
-                    f"grouped top-k routing (n_group={groups}) needs each expert to stay in its group's "
-                    "contiguous id range"
-                )
+    mech = mechanism(plan, arch, hf_config)
+    if mech == MAP:
+        missing = sorted(set(moe_layers) - set(plan.layers))
+        if missing:
+            raise PlanError(
+                f"{src}: field 'layers': the plan {_why_map(plan, arch, hf_config)}, so every MoE layer gets "
+                f"{plan.ep_size} x {plan.slots_per_rank()} physical slots and must be placed; MoE layers "
+                f"{_ranges(missing)} are missing"
+            )
     return arch
+
+
+PERMUTE = "permute"
+MAP = "map"
+
+
+def cross_group_slot(plan: Plan, groups: int) -> tuple[int, int, int] | None:
+    """(layer, physical slot, expert) of the first expert outside its group's contiguous id range
+    (grouped top-k with `groups` groups), or None when every expert stays in its group."""
+    if groups <= 1:
+        return None
+    size = plan.num_experts // groups
+    for layer, a in sorted(plan.layers.items()):
+        perm = a.reshape(-1)
+        bad = np.nonzero(perm // size != np.arange(perm.size) // size)[0]
+        if bad.size:
+            return layer, int(bad[0]), int(perm[bad[0]])
+    return None
+
+
+def mechanism(plan: Plan, arch: MoeArch, hf_config: Any) -> str:
+    """PERMUTE (zero-cost: permute experts and router rows at load time) for plans that are pure
+    permutations vLLM's router can emit by itself; MAP (serving/mapping.py: logical -> physical
+    table after top-k) for redundant copies and for cross-group moves under grouped top-k."""
+    if plan.has_redundancy() or cross_group_slot(plan, arch.expert_groups(hf_config)) is not None:
+        return MAP
+    return PERMUTE
+
+
+def _why_map(plan: Plan, arch: MoeArch, hf_config: Any) -> str:
+    if plan.has_redundancy():
+        return f"has redundant copies ({plan.slots_per_rank()} slots per rank x {plan.ep_size} ranks > {plan.num_experts} experts)"
+    return f"moves experts across the {arch.expert_groups(hf_config)} expert groups of grouped top-k"
+
+
+# MoE backends / all2all modes that route inside the kernel or place experts themselves: a static
+# logical -> physical table cannot be applied there (vLLM's EPLB cannot run on them either).
+MAP_REFUSED_MOE_BACKENDS = (
+    "flashinfer_trtllm", "flashinfer_moe_ep_cutedsl", "flashinfer_moe_ep_mega_deep_gemm",
+    "deep_gemm_mega_moe", "aiter_mega_moe",
+)
+MAP_REFUSED_ALL2ALL = ("passthrough", "moonep")
+
+
+def check_map_backend(plan: Plan, vllm_config: Any) -> None:
+    """Config-time refusals specific to the mapping mechanism (see docs/serving.md)."""
+    moe_backend = str(getattr(getattr(vllm_config, "kernel_config", None), "moe_backend", "auto"))
+    a2a = str(getattr(vllm_config.parallel_config, "all2all_backend", ""))
+    if moe_backend in MAP_REFUSED_MOE_BACKENDS:
+        raise PlanError(
+            f"{plan.source}: cannot be served with moe_backend={moe_backend}: the plan needs a logical->physical "
+            "expert table after routing (redundant copies or cross-group moves), and this backend routes inside "
+            "its kernel"
+        )
+    if a2a in MAP_REFUSED_ALL2ALL:
+        raise PlanError(
+            f"{plan.source}: cannot be served with all2all_backend={a2a}: that backend places or dispatches "
+            "experts itself, so the plan's physical slots would not be honoured"
+        )
 
 
 def check_server(plan: Plan, vllm_config: "VllmConfig") -> MoeArch:
@@ -105,6 +154,8 @@ def check_server(plan: Plan, vllm_config: "VllmConfig") -> MoeArch:
     for bad, what, why in refusals:
         if bad:
             raise PlanError(f"{src}: cannot be served with {what}: {why}")
+    if mechanism(plan, arch, vllm_config.model_config.hf_config) == MAP:
+        check_map_backend(plan, vllm_config)
     return arch
 
 
