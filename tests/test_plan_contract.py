@@ -57,7 +57,8 @@ def test_node_groups_topology_roundtrip():
     "over, needle",
     [
         ({"format": "other"}, "field 'format': unknown format 'other'"),
-        ({"version": 2}, "field 'version': unsupported version 2"),
+        ({"version": 3}, "field 'version': unsupported version 3"),
+        ({"version": True}, "field 'version': unsupported version True"),
         ({"ep_size": 0}, "field 'ep_size'"),
         ({"extra": 1}, "field 'extra'"),
         ({"layers": {"0": [[0, 1, 2, 9], [4, 5, 6, 7]]}}, "field 'layers.0[0]': expert id 9 out of range 0..7"),

@@ -68,7 +68,8 @@ CASES = {
     "unreadable_path": (None, r"missing\.json: cannot read plan file"),
     "malformed_json": ('{"format": "vllm-moeplace/plan",', r"plan\.json: malformed JSON at line 1 column"),
     "unknown_format": (plan_json(format="other/plan"), r"field 'format': unknown format 'other/plan'"),
-    "unknown_version": (plan_json(version=2), r"field 'version': unsupported version 2"),
+    "unknown_version": (plan_json(version=3), r"field 'version': unsupported version 3"),
+    "unknown_replica_rule": (plan_json(version=2, replica_rule="nearest/v9"), r"field 'replica_rule': unknown rule 'nearest/v9'"),
     "ep_size_mismatch": (
         plan_json(ep_size=4, topology={"ranks_per_node": 4}, layers={"1": [[0, 1], [2, 3], [4, 5], [6, 7]]}),
         r"field 'ep_size': value 4 but the server's EP size is 2",
@@ -86,9 +87,13 @@ CASES = {
                   layers={"1": [list(range(8)), list(range(8, 16))]}),
         r"field 'model\.num_experts': value 16 but the model has 8 routed experts",
     ),
-    "redundant_copies": (
+    "redundant_copies_not_every_layer": (
         plan_json(layers={"1": [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]]}),
-        r"field 'layers': value 5 slots per rank x 2 ranks > 8 experts: redundant expert copies are not supported",
+        r"field 'layers': the plan has redundant copies \(5 slots per rank x 2 ranks > 8 experts\).*MoE layers 2 are missing",
+    ),
+    "copy_count_does_not_fit": (
+        plan_json(layers={"1": [[0, 1, 2, 3, 4, 5, 6, 7, 0], [4, 5, 6, 7, 0, 1, 2, 3, 4]]}),
+        r"field 'layers\.1\[0\]': expert 0 appears twice on rank 0",
     ),
 }
 

@@ -1,8 +1,11 @@
 """End to end on the real vLLM (CPU, TP2 + EP, float32; Qwen3-MoE, Qwen2-MoE with a shared expert,
-DeepSeek-V2 with a dense first layer + shared experts): a permuted plan gives the same greedy
-tokens as vLLM's default layout (offline API and `vllm serve` + HTTP), every rank holds exactly
-the experts the plan assigns it, the CPU EP kernel fix makes the default layout match TP1, and
-without a plan the plugin changes nothing. Engines are shared across assertions (one per run).
+DeepSeek-V2 with a dense first layer + shared experts, a DeepSeek-V3-style model with grouped
+top-k): a permuted plan gives the same greedy tokens as vLLM's default layout (offline API), every
+rank holds exactly the experts the plan assigns it, the CPU EP kernel fix makes the default layout
+match TP1, and without a plan the plugin changes nothing. The mapping mechanism: solver plans with
+1 and 2 redundant copies per rank (Qwen3-MoE; offline and `vllm serve` + HTTP with torch.compile)
+and a plan that moves experts across DeepSeek-V3's expert groups give the default layout's tokens,
+and every slot, copies included, holds the planned expert. Engines are shared across assertions.
 
 Run the suite under the shared lock on a shared box: `flock /tmp/moeplace-heavy.lock pytest ...`.
 """
@@ -18,8 +21,14 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 from vllm_moeplace.bench.server import VllmServer
 from vllm_moeplace.cli.random_plan import random_plan
+from vllm_moeplace.plan import Topology
+from vllm_moeplace.solver.options import SolveOptions
+from vllm_moeplace.solver.pipeline import solve
+from vllm_moeplace.trace import Trace
 from vllm_moeplace.serving.probe import DEFAULT_PROMPTS
 from vllm_moeplace.serving.worker_ext import checkpoint_fingerprints
 
@@ -36,6 +45,7 @@ CKPT = {
     "qwen3_moe": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
     "qwen2_moe": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
     "deepseek_v2": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
+    "deepseek_v3": ("mlp", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"),
 }
 # DeepSeek-V2 (dense first layer, shared experts): placement only. Its CPU MLA attention is not
 # bit-reproducible (../shared notes), so its tokens are not compared.
@@ -43,7 +53,26 @@ MODELS = {
     "qwen3_moe": dict(arch="qwen3_moe"),
     "qwen2_moe": dict(arch="qwen2_moe"),
     "deepseek_v2": dict(arch="deepseek_v2", num_layers=3, first_dense_layers=1),
+    # DeepSeek-V3 routing: sigmoid + e_score_correction_bias, 4 groups, best 2 groups, top-4 of 16
+    "deepseek_v3": dict(arch="deepseek_v3", num_layers=3, first_dense_layers=1, num_experts=16, top_k=4, num_groups=4),
 }
+
+
+def solver_plan(model: Path, redundant: int, seed: int = 0):
+    """A plan from `moeplace solve` for EP2 (two single-rank nodes) on a skewed synthetic trace of
+    the model's MoE layers: the copies go where the solver puts them, not where a test wants."""
+    from vllm_moeplace.cli.random_plan import model_moe_info
+
+    _, E, layers = model_moe_info(model)
+    rng = np.random.default_rng(seed)
+    T, K = 800, 2
+    pop = 1.0 / np.arange(1, E + 1) ** 1.2
+    ids = np.stack([[rng.choice(E, K, replace=False, p=rng.permutation(pop) / pop.sum()) for _ in layers] for _ in range(T)])
+    trace = Trace(topk_ids=ids.astype(np.int16), layer_ids=np.array(layers, np.int32),
+                  request_ids=np.repeat(np.arange(T // 20), 20).astype(np.int32), is_prefill=np.ones(T, bool),
+                  num_experts=E, meta={"model": "tiny"})
+    opt = SolveOptions(redundant_per_rank=redundant, deterministic=True, time_limit=2.0, max_imbalance=1.3)
+    return solve(trace, Topology.uniform(2, 1), opt, model_name=str(model))
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -64,6 +93,8 @@ class Setup:
         self.arch, self.model, self.plan_path = arch, model, plan_path
         self.plan = json.loads(plan_path.read_text())
         self.runs: dict[str, dict] = {}
+        self.copies: dict[int, dict] = {}  # redundant copies per rank -> solver plan (JSON)
+        self.copy_plan_path: Path | None = None
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -78,6 +109,14 @@ def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
         s.runs["default_tp2"] = probe(tmp, "default_tp2", model, "--tp", "2", "--cpu-ep-fix")
     s.runs["plan_tp2"] = probe(tmp, "plan_tp2", model, "--tp", "2", "--plan", str(s.plan_path))
     if arch == "qwen3_moe":
+        for n in (1, 2):
+            p = solver_plan(model, n)
+            assert p.slots_per_rank() == 4 + n and p.has_redundancy()
+            p.save(tmp / f"plan_r{n}.json")
+            s.copies[n] = json.loads((tmp / f"plan_r{n}.json").read_text())
+        for n in (1, 2):
+            s.runs[f"plan_r{n}_tp2"] = probe(tmp, f"plan_r{n}_tp2", model, "--tp", "2", "--plan", str(tmp / f"plan_r{n}.json"))
+        s.copy_plan_path = tmp / "plan_r2.json"
         s.runs["tp1"] = probe(tmp, "tp1", model, "--tp", "1")
         # vLLM without our plugin: the allowlist names only a built-in plugin.
         s.runs["tp1_noplugin"] = probe(tmp, "tp1_noplugin", model, "--tp", "1", VLLM_PLUGINS="lora_filesystem_resolver")
@@ -92,15 +131,17 @@ def test_plan_tokens_equal_default_layout_offline(setup):
     assert plan_ids == default_ids
 
 
-def test_each_rank_holds_the_planned_experts(setup):
+def assert_ranks_hold(setup: Setup, plan: dict, run: dict) -> int:
+    """Every slot of every rank holds the checkpoint expert the plan names (fingerprints of the
+    weights), copies included. Returns how many slots differ from vLLM's default layout."""
     block, gate_up, down = CKPT[setup.arch]
     fps = checkpoint_fingerprints(str(setup.model), block, gate_up, down)
     # the fingerprint must identify an expert, or this test could not fail
     assert len({json.dumps(v) for v in fps.values()}) == len(fps)
-    ranks = {r["ep_rank"]: r for r in setup.runs["plan_tp2"]["ranks"]}
+    ranks = {r["ep_rank"]: r for r in run["ranks"]}
     assert sorted(ranks) == [0, 1]
     moved = 0
-    for layer, per_rank in setup.plan["layers"].items():
+    for layer, per_rank in plan["layers"].items():
         for r, experts in enumerate(per_rank):
             held = ranks[r]["layers"][layer]
             assert held["local_num_experts"] == len(experts)
@@ -108,12 +149,50 @@ def test_each_rank_holds_the_planned_experts(setup):
                 assert held["w13"][s] == fps[(int(layer), e)]["w13"], (layer, r, s, e)
                 assert held["w2"][s] == fps[(int(layer), e)]["w2"], (layer, r, s, e)
                 moved += e != r * len(experts) + s
+    return moved
+
+
+def test_each_rank_holds_the_planned_experts(setup):
+    moved = assert_ranks_hold(setup, setup.plan, setup.runs["plan_tp2"])
     assert moved > 0  # the plan really is not the default layout
-    if setup.arch == "deepseek_v2":
+    ranks = {r["ep_rank"]: r for r in setup.runs["plan_tp2"]["ranks"]}
+    if setup.arch.startswith("deepseek"):
         assert sorted(ranks[0]["layers"]) == ["1", "2"]  # layer 0 is dense: no experts there
     else:  # and the default run holds vLLM's linear layout (same fingerprint machinery)
+        block, gate_up, down = CKPT[setup.arch]
+        fps = checkpoint_fingerprints(str(setup.model), block, gate_up, down)
         d0 = {r["ep_rank"]: r for r in setup.runs["default_tp2"]["ranks"]}[0]["layers"]["0"]
         assert [d0["w13"][s] for s in range(4)] == [fps[(0, e)]["w13"] for e in range(4)]
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_solver_plan_with_redundant_copies(setup, copies):
+    """Mapping mechanism: every copy loaded with its expert's weights, tokens = default = TP1."""
+    if setup.arch != "qwen3_moe":
+        pytest.skip("redundant copies are run on Qwen3-MoE")
+    run = setup.runs[f"plan_r{copies}_tp2"]
+    plan = setup.copies[copies]
+    assert plan["version"] == 2 and plan["replica_rule"] == "origin-node-spread/v1"
+    assert_ranks_hold(setup, plan, run)
+    for r in run["ranks"]:
+        for layer in plan["layers"]:
+            # vLLM built R*S physical experts, this rank's S in a linear block
+            emap = r["layers"][layer]["expert_map"]
+            S = 4 + copies
+            assert len(emap) == 2 * S and emap[r["ep_rank"] * S : (r["ep_rank"] + 1) * S] == list(range(S))
+    assert run["token_ids"] == setup.runs["default_tp2"]["token_ids"] == setup.runs["tp1"]["token_ids"]
+
+
+def test_cross_group_plan_on_grouped_topk(setup):
+    """DeepSeek-V3 routing (sigmoid + score bias, 4 groups, best 2): a plan that moves experts
+    between groups is served by the mapping mechanism with the default layout's tokens."""
+    if setup.arch != "deepseek_v3":
+        pytest.skip("grouped top-k model only")
+    from vllm_moeplace.plan import parse_plan
+    from vllm_moeplace.serving.validate import cross_group_slot
+
+    assert cross_group_slot(parse_plan(setup.plan), 4) is not None  # really crosses groups
+    assert setup.runs["plan_tp2"]["token_ids"] == setup.runs["default_tp2"]["token_ids"]
 
 
 def test_plugin_active_only_with_a_request(setup):
@@ -139,12 +218,13 @@ def test_without_flag_vllm_behaves_as_without_plugin(setup):
 
 # ------------------------------------------------------------------------------ vllm serve + HTTP
 def test_vllm_serve_with_plan_over_http(setup, tmp_path):
-    """Real `vllm serve` (torch.compile ON) with the plan; greedy tokens equal the default layout's."""
+    """Real `vllm serve` (torch.compile ON) with the solver's plan with 2 redundant copies per rank
+    (the mapping mechanism, traced by torch.compile); greedy tokens equal the default layout's."""
     if setup.arch != "qwen3_moe":
         pytest.skip("one architecture is enough for the HTTP path")
     args = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--dtype", "float32",
             "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
-            "--moe-placement-plan", str(setup.plan_path)]
+            "--moe-placement-plan", str(setup.copy_plan_path)]
     with VllmServer(str(setup.model), args, log_path=tmp_path / "serve.log", startup_timeout=300) as server:
         resp = server.post("/v1/completions", {
             "model": str(setup.model), "prompt": DEFAULT_PROMPTS, "max_tokens": 8, "temperature": 0,
@@ -153,7 +233,7 @@ def test_vllm_serve_with_plan_over_http(setup, tmp_path):
     ids = [c["token_ids"] for c in sorted(resp["choices"], key=lambda c: c["index"])]
     assert ids == setup.runs["default_tp2"]["token_ids"]
     text = (tmp_path / "serve.log").read_text()
-    assert "vllm-moeplace: placed experts of 2 layers" in text
+    assert "vllm-moeplace: placed experts of 2 layers" in text and "(mechanism map, 2 layers mapped)" in text
     # one line per EP rank, with the plan's hash (what deploy/check_applied.sh verifies)
     placed = [ln for ln in text.splitlines() if "vllm-moeplace: placed experts" in ln]
     assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]

@@ -218,12 +218,15 @@ def dsv3_config(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
-def test_grouped_topk_plan_must_keep_experts_in_their_group():
-    ok = make_plan({0: [[3, 1, 0, 2], [5, 7, 4, 6]]})  # groups {0..3}, {4..7}: each stays
+def test_grouped_topk_cross_group_plan_is_served_by_the_mapping_mechanism():
+    ok = make_plan({0: [[3, 1, 0, 2], [5, 7, 4, 6]], 1: [[0, 1, 2, 3], [4, 5, 6, 7]]})  # each stays in its group
     assert check_plan_fits(ok, dsv3_config(), True, 2).name == "DeepseekV3ForCausalLM"
-    bad = make_plan({0: [[4, 1, 0, 2], [3, 7, 5, 6]]})
-    with pytest.raises(PlanError, match=r"layers\.0'.*rank 0 slot 0 holds expert 4 of group 1.*n_group=2"):
-        check_plan_fits(bad, dsv3_config(), True, 2)
+    cross = make_plan({0: [[4, 1, 0, 2], [3, 7, 5, 6]], 1: [[0, 1, 2, 3], [4, 5, 6, 7]]})
+    assert check_plan_fits(cross, dsv3_config(), True, 2).name == "DeepseekV3ForCausalLM"
+    from vllm_moeplace.serving.validate import cross_group_slot
+
+    assert cross_group_slot(ok, 2) is None
+    assert cross_group_slot(cross, 2) == (0, 0, 4)  # layer 0, slot 0 holds expert 4 of group 1
 
 
 def test_unsupported_architecture_refused():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vllm_moeplace.errors import MoeplaceError
 
-ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2")
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 
 # A small, varied corpus for the tokenizer and the default prompt set: code, science, chat, maths,
 # so that a profiled trace has domain labels with different routing.
@@ -71,6 +71,8 @@ class TinyModelSpec:
     num_key_value_heads: int = 2
     first_dense_layers: int = 0
     """Leading dense (non-MoE) decoder layers (DeepSeek-V2 `first_k_dense_replace`, Qwen `mlp_only_layers`)."""
+    num_groups: int = 1
+    """deepseek_v3: expert groups of grouped top-k (`n_group`); topk_group is half of them."""
     seed: int = 0
 
     def check(self) -> None:
@@ -85,6 +87,10 @@ class TinyModelSpec:
             raise MoeplaceError(
                 f"tiny-model: first_dense_layers={self.first_dense_layers} must leave a MoE layer among {self.num_layers}"
             )
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise MoeplaceError(f"tiny-model: num_groups={self.num_groups} must divide num_experts={self.num_experts}")
+        if self.num_groups > 1 and self.arch != "deepseek_v3":
+            raise MoeplaceError("tiny-model: expert groups (grouped top-k) are built only for --arch deepseek_v3")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise MoeplaceError("tiny-model: heads must divide hidden_size and kv heads must divide heads")
 
@@ -144,9 +150,33 @@ def _hf_config(spec: TinyModelSpec):
             num_experts_per_tok=spec.top_k,
             head_dim=spec.hidden_size // spec.num_attention_heads,
         )
-    # deepseek_v2: MLA attention with the only latent width the CPU backend supports; MLA has
+    # deepseek_v2/v3: MLA attention with the only latent width the CPU backend supports; MLA has
     # one KV head per query head.
     common["num_key_value_heads"] = spec.num_attention_heads
+    if spec.arch == "deepseek_v3":
+        # DeepSeek-V3/R1 routing: sigmoid scores + e_score_correction_bias, grouped top-k
+        # (n_group groups, the best topk_group of them by their top-2 score sum), renormalised.
+        # vLLM needs topk_method and scoring_func written explicitly (../shared notes).
+        return transformers.DeepseekV3Config(
+            **common,
+            intermediate_size=spec.moe_intermediate_size * 2,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            n_routed_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            n_shared_experts=1,
+            first_k_dense_replace=spec.first_dense_layers,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            n_group=spec.num_groups,
+            topk_group=max(1, spec.num_groups // 2),
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+        )
     return transformers.DeepseekV2Config(
         **common,
         intermediate_size=spec.moe_intermediate_size * 2,
@@ -215,6 +245,10 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None, **o
         for name, p in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
                 p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # A bias that changes which experts win, so serving must carry it exactly.
+                b.normal_(0.0, 0.3)
     model.save_pretrained(out, safe_serialization=True)
     _train_tokenizer(spec.vocab_size, out)
     (out / "moeplace_tiny_model.json").write_text(

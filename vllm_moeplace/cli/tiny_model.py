@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-layers", type=int, default=d.first_dense_layers, help="leading dense (non-MoE) layers")
     p.add_argument("--experts", type=int, default=d.num_experts, help="routed experts per MoE layer")
     p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--groups", type=int, default=d.num_groups,
+                   help="deepseek_v3: expert groups of grouped top-k (n_group; topk_group = groups/2)")
     p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="multiple of 32")
     p.add_argument("--moe-intermediate-size", type=int, default=d.moe_intermediate_size, help="multiple of 32")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         first_dense_layers=args.dense_layers,
         num_experts=args.experts,
         top_k=args.top_k,
+        num_groups=args.groups,
         hidden_size=args.hidden_size,
         moe_intermediate_size=args.moe_intermediate_size,
         vocab_size=args.vocab_size,

@@ -94,11 +94,25 @@ def active_plan(vllm_config: "VllmConfig | None" = None) -> Plan | None:
 
 
 def physical_to_logical_map(vllm_config: "VllmConfig | None" = None) -> dict[int, np.ndarray] | None:
-    """For the active plan: {decoder layer: int64 [num_experts]} mapping the PHYSICAL expert id
-    (what vLLM's router emits with a plan active) to the LOGICAL checkpoint expert id.
-    Layers absent from the dict are identity. None when no plan is active (ids are logical).
+    """For the active plan: {decoder layer: int64 [num_experts]} mapping the id the router's
+    top-k step emits (what `BaseRouter.set_capture_fn` sees) to the LOGICAL checkpoint expert id.
+    Layers absent from the dict are identity. None when those ids are logical already: no plan
+    active, or a plan served by the mapping mechanism (serving/mapping.py), whose router scores
+    logical experts and maps to physical slots only after the capture point.
     """
     from vllm_moeplace.serving.remap import physical_to_logical
+    from vllm_moeplace.serving.validate import MAP, mechanism
+    from vllm_moeplace.serving.arch import arch_for
 
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
     plan = active_plan(vllm_config)
-    return None if plan is None else physical_to_logical(plan)
+    if plan is None:
+        return None
+    hf = vllm_config.model_config.hf_config
+    arch = arch_for(list(getattr(hf, "architectures", None) or []))
+    if arch is not None and mechanism(plan, arch, hf) == MAP:
+        return None
+    return physical_to_logical(plan)
