@@ -156,3 +156,35 @@ def test_plan_with_copies_is_version_2_and_names_the_rule(tmp_path):
         parse_plan({**d, "version": 2, "replica_rule": "nearest/v9"}, "new.json")
     with pytest.raises(PlanError, match=r"field 'version': unsupported version 3"):
         parse_plan({**d, "version": 3}, "new.json")
+
+
+def test_validate_accepts_exactly_what_the_server_check_accepts(tmp_path, capsys):
+    from vllm_moeplace.cli.main import main
+
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "num_hidden_layers": 2, "n_routed_experts": 8,
+           "first_k_dense_replace": 0, "moe_layer_freq": 1, "n_group": 2, "topk_group": 1}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    plans = {
+        "copies_every_layer": make_plan({0: [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]], 1: [[0, 1, 2, 3, 5], [4, 5, 6, 7, 1]]}),
+        "copies_one_layer": make_plan({0: [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]]}, moe_layers=[0, 1]),
+        "cross_group": make_plan({0: [[4, 1, 0, 2], [3, 7, 5, 6]], 1: [[0, 1, 2, 3], [4, 5, 6, 7]]}),
+        "in_group": make_plan({0: [[3, 1, 0, 2], [5, 7, 4, 6]]}, moe_layers=[0, 1]),
+    }
+    outcome = {}
+    for name, plan in plans.items():
+        path = tmp_path / f"{name}.json"
+        plan.save(path)
+        try:
+            check_plan_fits(load_plan(path), SimpleNamespace(**cfg), True, 2)
+            server_ok = True
+        except PlanError:
+            server_ok = False
+        try:
+            code = main(["validate", str(path), "--model", str(tmp_path)])
+        except SystemExit as e:  # the CLI's one-line error exit
+            code = e.code
+        outcome[name] = (server_ok, code == 0)
+    assert outcome == {"copies_every_layer": (True, True), "copies_one_layer": (False, False),
+                       "cross_group": (True, True), "in_group": (True, True)}
+    out = capsys.readouterr().out
+    assert "served by the mapping mechanism" in out and "served by the permutation mechanism" in out

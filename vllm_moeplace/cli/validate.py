@@ -2,8 +2,9 @@
 
 Always: the plan specification (`plan.validate_plan`, via `load_plan`). With `--model DIR`: the
 model's HF `config.json` must agree on the number of routed experts and the MoE layers (facts from
-the serving adapter's architecture table, `serving/arch.py`, which needs no vLLM); whether the
-plugin can serve the plan today (e.g. redundant copies, grouped routing) is printed as a note.
+the serving adapter's architecture table, `serving/arch.py`, which needs no vLLM) and the plan
+must pass exactly the model checks the server runs at config time (`serving.validate.
+check_plan_fits`); the serving mechanism it will use (permute / map) is printed.
 With `--trace`: the plan must fit the trace (experts, layers) so it can be scored.
 Exit status 0 when every plan passes, 2 at the first failure (one line naming file, field, value).
 """
@@ -62,16 +63,15 @@ def check_against_model(plan: Plan, model_dir: str) -> list[str]:
     if sorted(plan.moe_layers) != sorted(moe):
         raise PlanError(f"{plan.source}: field 'model.moe_layers': value {plan.moe_layers}, but {cfg_src} "
                         f"makes layers {moe} MoE layers")
-    notes = []
-    try:
-        from vllm_moeplace.serving.validate import check_plan_fits
+    # The server's own model checks (no vLLM import): a plan validate accepts, the server accepts
+    # for this model, given a server with EP size = the plan's ep_size.
+    from vllm_moeplace.serving.validate import MAP, check_plan_fits, mechanism
 
-        check_plan_fits(plan, cfg, True, plan.ep_size)
-    except PlanError as e:
-        notes.append(f"not servable by the plugin yet: {e}")
-    except ImportError:
-        notes.append("servability not checked (serving adapter not in this build)")
-    return notes
+    check_plan_fits(plan, cfg, True, plan.ep_size)
+    if mechanism(plan, arch, cfg) == MAP:
+        return ["served by the mapping mechanism (logical -> physical table after top-k: redundant copies "
+                "or cross-group moves), replica rule origin-node-spread/v1"]
+    return ["served by the permutation mechanism (zero runtime cost)"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,10 +41,16 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [{"prompt_token_ids": p} for p in json.loads(args.prompts)] if args.prompts else [
         {"prompt_token_ids": p} for p in DEFAULT_PROMPTS
     ]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)
+    sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=2 if args.logprobs else None)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
     ranks = llm.collective_rpc("moeplace_inspect") if not args.no_inspect else []
+    logprobs = None
+    if args.logprobs:
+        # per generated token: the two best {token id: logprob}, to tell a near-tie from a real difference
+        logprobs = [[{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs] for o in outs]
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "logprobs": logprobs,
         "ranks": ranks,
         "init_seconds": init_s,
     }
@@ -61,6 +67,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--prompts", default=None, help="JSON list of token-id lists")
     p.add_argument("--no-inspect", action="store_true")
+    p.add_argument("--logprobs", action="store_true", help="also dump the top-2 logprobs of every generated token")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     result = run(args)
