@@ -1,5 +1,6 @@
 """The serving benchmark end to end on the real `vllm serve` (CPU, TP2 + EP): default layout vs a
-plan, the same workload; tokens and routing identical; counted traffic == `moeplace evaluate`."""
+permutation plan and a plan with redundant copies, the same workload; tokens and routing
+identical; counted traffic == `moeplace evaluate`; the engine's copy choices == the replica rule."""
 
 import json
 
@@ -20,10 +21,20 @@ def test_bench_default_vs_plan(tiny_model_factory, tmp_path):
     plan = random_plan(model, ep_size=2, seed=3, ranks_per_node=1)
     plan_path = tmp_path / "plan.json"
     plan.save(plan_path)
+    copies = random_plan(model, ep_size=2, seed=4, ranks_per_node=1, redundant_per_rank=2)
+    copies_path = tmp_path / "copies.json"
+    copies.save(copies_path)
     prompts = ["def f(x): return x * 2", "The mitochondria is", "Hello! How are you", "Solve 3x + 7 = 22"] * 2
-    res = run_benchmark(str(model), [plan_path], prompts, out_dir=tmp_path / "bench", max_tokens=8, concurrency=2)
+    res = run_benchmark(str(model), [plan_path, copies_path], prompts, out_dir=tmp_path / "bench", max_tokens=8,
+                        concurrency=2)
 
-    default, planned = res["layouts"]["default"], res["layouts"]["plan0:plan"]
+    default, planned, mapped = res["layouts"]["default"], res["layouts"]["plan0:plan"], res["layouts"]["plan1:copies"]
+    assert (default["mechanism"], planned["mechanism"], mapped["mechanism"]) == ("permute", "permute", "map")
+    assert mapped["tokens_identical_to_default"] and mapped["routing_identical_fraction"] == 1.0
+    assert mapped["replica_rule_honoured"] == 1.0  # every (token, layer, k) choice is the rule's
+    assert mapped["agrees_within_1pct"], mapped["agreement_rel_err"]
+    # copies: 6 slots per rank, every slot that holds a hot expert's copy served some pairs
+    assert sum(mapped["traffic"]["rank_load"]) == sum(default["traffic"]["rank_load"])
     for x in (default, planned):
         assert x["tokens_identical_to_default"]
         assert x["agrees_within_1pct"], x["agreement_rel_err"]
@@ -43,5 +54,6 @@ def test_bench_default_vs_plan(tiny_model_factory, tmp_path):
                layers={l: linear_layout(8, 2) for l in plan.moe_layers})
     assert evaluate_plan(lin, t_plan).imbalance == pytest.approx(default["traffic"]["imbalance"], rel=1e-9)
     report = (tmp_path / "bench" / "serving_report.md").read_text()
-    assert "| default |" in report and "| plan0:plan |" in report
+    assert "| default |" in report and "| plan0:plan |" in report and "| plan1:copies |" in report
+    assert "origin-node-spread/v1" in report
     assert json.loads((tmp_path / "bench" / "serving_results.json").read_text())["prompts"] == len(prompts)

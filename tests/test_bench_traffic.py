@@ -63,3 +63,36 @@ def test_logical_trace_inverts_the_plan_permutation():
     tr = logical_trace(_run(phys, E, layer_ids), plan, None, "m")
     assert tr.topk_ids[:, 0].tolist() == [[3, 0], [2, 1]]
     assert _routing_agreement(tr, tr) == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(2, 1), (4, 2), (4, 1), (6, 3)]), st.integers(1, 3))
+def test_copies_counted_from_physical_ids_equal_evaluate_at_the_same_origins(seed, shape, extra):
+    """With redundant copies: physical ids chosen by the replica rule from virtual origins (what the
+    engine's table does), counted by the plain counter, equal the evaluator's view of the same
+    tokens and origins (a separate, vectorised implementation in solver.metrics)."""
+    from vllm_moeplace.replica import candidate_table, replicated_origin, select
+    from vllm_moeplace.solver.metrics import evaluate_layers_at_origins
+    from vllm_moeplace.trace import Trace
+
+    R, g = shape
+    rng = np.random.default_rng(seed)
+    per, T, K, L = 2, 30, 2, 2
+    E = R * per
+    extra = min(extra, E - per)
+    layers = {}
+    for l in range(L):
+        a = rng.permutation(E).reshape(R, per)
+        layers[l] = np.stack([np.concatenate([a[r], rng.choice(np.setdiff1d(np.arange(E), a[r]), extra, replace=False)])
+                              for r in range(R)])
+    topo = Topology.uniform(R, g)
+    ids = _routing(rng, T, L, K, E)
+    origin, spread = replicated_origin(T, R)
+    phys = np.stack([select(candidate_table(layers[l], E, topo.node_of_rank), ids[:, l], origin, spread)
+                     for l in range(L)], axis=1)
+    counted = count_traffic(phys, R * (per + extra), topo.nodes, origin=origin)
+    trace = Trace(topk_ids=ids, layer_ids=np.arange(L, dtype=np.int32), request_ids=np.zeros(T, np.int32),
+                  is_prefill=np.ones(T, bool), num_experts=E)
+    scored = evaluate_layers_at_origins(layers, topo, trace, origin, spread)
+    for k in ("node_sends", "rank_sends", "imbalance"):
+        assert getattr(counted, k) == pytest.approx(scored[k], rel=1e-12, abs=1e-12), k

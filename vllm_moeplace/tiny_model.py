@@ -245,6 +245,10 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None, **o
         for name, p in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
                 p.normal_(0.0, 0.5)
+            if spec.arch.startswith("deepseek") and name == "lm_head.weight":
+                # vLLM's CPU MLA attention is not bit-reproducible run to run (../shared notes), so
+                # near-flat random logits would flip greedy tokens on ties: make them decisive.
+                p.normal_(0.0, 1.0)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 # A bias that changes which experts win, so serving must carry it exactly.

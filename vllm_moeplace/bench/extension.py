@@ -3,8 +3,10 @@ dev-mode `/collective_rpc` endpoint (loopback only).
 
 It reuses the profiler's in-graph capture (`profiling/capture.py`) and adds one call that writes
 what was captured to a file in the worker: the HTTP RPC path only carries JSON, not arrays.
-The ids are written as the router emitted them (PHYSICAL ids when a plan is active), because the
-benchmark counts traffic from what the serving path really routed.
+The ids are written as the router's top-k step emitted them (PHYSICAL ids under the permutation
+mechanism), and, under the mapping mechanism, also the physical ids the plugin's table chose
+(`physical`), with each token's row in its step's batch (`batch_rows`, which fixes the rule's
+virtual origin): the benchmark counts traffic from what the serving path really dispatched.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class BenchCaptureExtension(CaptureWorkerExtension):
             packed = state.drain()
         finally:
             state.phys_to_log = saved
-        arrays = {k: unpack_array(packed[k]) for k in ("ids", "req_index", "positions", "is_prefill")}
+        keys = ("ids", "req_index", "positions", "is_prefill", "batch_rows") + (("physical",) if "physical" in packed else ())
+        arrays = {k: unpack_array(packed[k]) for k in keys}
         np.savez(
             path,
             **arrays,

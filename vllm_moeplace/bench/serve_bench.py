@@ -57,6 +57,8 @@ class LayoutRun:
     is_prefill: np.ndarray  # bool [T]
     layer_ids: np.ndarray  # int32 [L]
     num_experts: int
+    batch_rows: np.ndarray | None = None  # int32 [T]: row of the token in its step's batch
+    mapped_ids: np.ndarray | None = None  # int16 [T, L, K]: physical ids the plugin's table chose (map mechanism)
 
 
 def _rpc(server: VllmServer, method: str, *args: str) -> list:
@@ -103,7 +105,8 @@ def run_layout(
     return LayoutRun(
         spec=spec, load=load, startup_s=startup, physical_ids=z["ids"], prompt_index=prompt_index,
         positions=z["positions"], is_prefill=z["is_prefill"], layer_ids=z["layer_ids"],
-        num_experts=int(z["num_experts"]),
+        num_experts=int(z["num_experts"]), batch_rows=z["batch_rows"] if "batch_rows" in z else None,
+        mapped_ids=z["physical"] if "physical" in z else None,
     )
 
 
@@ -120,11 +123,12 @@ def layout_plan(run: LayoutRun, topology: Topology, model_name: str) -> Plan:
 def logical_trace(run: LayoutRun, plan: Plan, labels: list[str] | None, model_name: str) -> Trace:
     """The run's routing as a native trace of LOGICAL ids, tokens ordered by (prompt, position)."""
     ids = run.physical_ids.astype(np.int64)
-    for li, layer in enumerate(run.layer_ids):
-        perm = plan.layers.get(int(layer))
-        if perm is not None:
-            ids[:, li] = perm.reshape(-1)[ids[:, li]]
-    order = np.lexsort((run.positions, run.prompt_index))
+    if run.mapped_ids is None:  # permutation mechanism: the router emitted physical ids
+        for li, layer in enumerate(run.layer_ids):
+            perm = plan.layers.get(int(layer))
+            if perm is not None:
+                ids[:, li] = perm.reshape(-1)[ids[:, li]]
+    order = token_order(run)
     return Trace(
         topk_ids=ids[order].astype(np.int16),
         layer_ids=run.layer_ids.astype(np.int32),
@@ -134,6 +138,33 @@ def logical_trace(run: LayoutRun, plan: Plan, labels: list[str] | None, model_na
         meta={"model": model_name, "source": f"moeplace bench ({run.spec.name})", "top_k": int(ids.shape[2])},
         labels=None if labels is None else np.array(labels, dtype=str),
     )
+
+
+def token_order(run: LayoutRun) -> np.ndarray:
+    return np.lexsort((run.positions, run.prompt_index))
+
+
+def mapped_traffic(run: LayoutRun, plan: Plan, topology: Topology, trace: Trace) -> tuple[Traffic, dict, float]:
+    """A run served by the mapping mechanism (copies / cross-group): the traffic counted from the
+    physical ids the engine's table chose, each token from the rule's virtual origin (its batch
+    row mod R); `evaluate`'s view of the same tokens and origins; and the fraction of choices equal
+    to the replica rule applied to the logical ids offline (1.0 = the engine applied exactly the rule)."""
+    from vllm_moeplace.replica import candidate_table, select
+    from vllm_moeplace.solver.metrics import evaluate_layers_at_origins
+
+    if run.batch_rows is None or run.mapped_ids is None:
+        raise MoeplaceError(f"layout {run.spec.name}: the capture recorded no mapped physical ids / batch rows")
+    R, S = plan.ep_size, plan.slots_per_rank()
+    origin, spread = run.batch_rows.astype(np.int64) % R, run.batch_rows.astype(np.int64) // R
+    counted = count_traffic(run.mapped_ids, R * S, topology.nodes, origin=origin)
+    order = token_order(run)
+    scored = evaluate_layers_at_origins(plan.layers, topology, trace, origin[order], spread[order])
+    same = []
+    for li, layer in enumerate(run.layer_ids):
+        table = candidate_table(plan.layers[int(layer)], plan.num_experts, topology.node_of_rank)
+        want = select(table, run.physical_ids[:, li].astype(np.int64), origin, spread)
+        same.append(want == run.mapped_ids[:, li])
+    return counted, scored, float(np.mean(same))
 
 
 def _pct(a: float, b: float) -> float:
@@ -175,12 +206,16 @@ def run_benchmark(
         plan = layout_plan(run, topology, model)
         if plan.ep_size != ep_size:
             raise MoeplaceError(f"{run.spec.plan}: plan ep_size {plan.ep_size} != served EP size {ep_size}")
-        counted: Traffic = count_traffic(run.physical_ids, run.num_experts, topology.nodes)
         trace = logical_trace(run, plan, labels, model)
         save_trace(out_dir / f"trace-{run.spec.name.replace(':', '_')}.npz", trace)
-        scored = evaluate_plan(Plan(model_name=plan.model_name, num_experts=plan.num_experts,
-                                    moe_layers=plan.moe_layers, ep_size=plan.ep_size, topology=topology,
-                                    layers=plan.layers), trace).as_dict()
+        rule_honoured = None
+        if run.mapped_ids is not None:
+            counted, scored, rule_honoured = mapped_traffic(run, plan, topology, trace)
+        else:
+            counted = count_traffic(run.physical_ids, run.num_experts, topology.nodes)
+            scored = evaluate_plan(Plan(model_name=plan.model_name, num_experts=plan.num_experts,
+                                        moe_layers=plan.moe_layers, ep_size=plan.ep_size, topology=topology,
+                                        layers=plan.layers), trace).as_dict()
         agree = {k: _pct(getattr(counted, k), scored[k]) for k in ("node_sends", "rank_sends", "imbalance")}
         same_tokens = [r.token_ids for r in run.load.requests] == base_tokens
         if base_trace is None:
@@ -198,6 +233,8 @@ def run_benchmark(
             "agrees_within_1pct": all(v <= AGREEMENT_TOLERANCE for v in agree.values()),
             "tokens_identical_to_default": same_tokens,
             "routing_identical_fraction": same_routing,
+            "mechanism": "map" if run.mapped_ids is not None else "permute",
+            "replica_rule_honoured": rule_honoured,
         }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "serving_results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -229,11 +266,14 @@ def render_report(r: dict) -> str:
         f"Model `{r['model']}`, {r['prompts']} prompts, {r['max_tokens']} output tokens each (greedy, ignore_eos), "
         f"concurrency {r['concurrency']}. vLLM on CPU, TP2 + expert parallel, float32. Traffic counted in the serving "
         f"path from every token's routed ids, token origin uniform over ranks, virtual topology nodes "
-        f"{r['virtual_topology']}.",
+        f"{r['virtual_topology']}. Layouts served by the mapping mechanism (redundant copies, cross-group moves) "
+        "choose among an expert's copies by the replica rule origin-node-spread/v1 (the token's own rank, else a "
+        "copy on its node, else spread by token index; docs/serving.md): on this TP+EP path each token's origin is "
+        "virtual, its batch row mod the EP size, and their traffic is counted and evaluated from that origin.",
         "",
         "| layout | tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | node_sends | rank_sends | imbalance | "
-        "tokens = default | routing = default | counted vs evaluate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "tokens = default | routing = default | counted vs evaluate | mechanism | rule honoured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, x in r["layouts"].items():
         t = x["traffic"]
@@ -242,7 +282,8 @@ def render_report(r: dict) -> str:
             f"| {name} | {x['throughput_tok_s']:.1f} | {x['ttft_p50_ms']:.0f} / {x['ttft_p99_ms']:.0f} | "
             f"{x['tpot_p50_ms']:.0f} / {x['tpot_p99_ms']:.0f} | {t['node_sends']:.4f} | {t['rank_sends']:.4f} | "
             f"{t['imbalance']:.4f} | {'yes' if x['tokens_identical_to_default'] else 'NO'} | "
-            f"{x['routing_identical_fraction']:.4f} | max rel. err {err:.2e} |"
+            f"{x['routing_identical_fraction']:.4f} | max rel. err {err:.2e} | {x.get('mechanism', 'permute')} | "
+            f"{'-' if x.get('replica_rule_honoured') is None else format(x['replica_rule_honoured'], '.4f')} |"
         )
     lines += [
         "",

@@ -7,7 +7,10 @@ implementation from `solver.metrics` (which works from logical ids and a plan), 
 between the two on the same run is a real check of the plugin, the capture and the evaluator.
 
 Token origin is uniform over ranks (the same assumption as the solver's metrics), under a stated
-virtual topology (ranks grouped into nodes).
+virtual topology (ranks grouped into nodes); or, for plans with redundant copies, each token's own
+origin rank (`origin`), because which copy served a token depended on its origin (replica.py).
+Physical slots may outnumber logical experts (copies): physical p lives on rank p // S with
+S = num_physical / ep_size.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ class Traffic:
         }
 
 
-def count_traffic(physical_ids: np.ndarray, num_experts: int, nodes: list[list[int]]) -> Traffic:
-    """physical_ids: int [T, L, K] routed physical expert ids; nodes: rank groups (a partition)."""
+def count_traffic(
+    physical_ids: np.ndarray, num_experts: int, nodes: list[list[int]], origin: np.ndarray | None = None
+) -> Traffic:
+    """physical_ids: int [T, L, K] routed physical expert ids (num_experts = physical slots in all);
+    nodes: rank groups (a partition); origin: int [T] origin rank of each token, or None for
+    origins uniform over ranks."""
     ids = np.asarray(physical_ids, dtype=np.int64)
     T, L, K = ids.shape
     R = sum(len(n) for n in nodes)
@@ -54,11 +61,18 @@ def count_traffic(physical_ids: np.ndarray, num_experts: int, nodes: list[list[i
     np.put_along_axis(hit_rank, ranks, True, axis=2)
     hit_node = np.zeros((T, L, len(nodes)), bool)
     np.put_along_axis(hit_node, node_of[ranks], True, axis=2)
-    # origin o uniform: a hit rank is remote unless it is o (prob 1/R); a hit node is remote
-    # unless o is on it (prob g_n / R)
-    rank_sends = hit_rank.sum(axis=2).mean() * (1 - 1 / R)
-    node_sends = (hit_node * (1 - g / R)).sum(axis=2).mean()
-    pairs_remote = K * (1 - 1 / R)
+    if origin is None:
+        # origin o uniform: a hit rank is remote unless it is o (prob 1/R); a hit node is remote
+        # unless o is on it (prob g_n / R)
+        rank_sends = hit_rank.sum(axis=2).mean() * (1 - 1 / R)
+        node_sends = (hit_node * (1 - g / R)).sum(axis=2).mean()
+        pairs_remote = K * (1 - 1 / R)
+    else:
+        o = np.asarray(origin, dtype=np.int64)
+        tt = np.arange(T)
+        rank_sends = (hit_rank.sum(axis=2) - hit_rank[tt, :, o]).mean()
+        node_sends = (hit_node.sum(axis=2) - hit_node[tt, :, node_of[o]]).mean()
+        pairs_remote = float((ranks != o[:, None, None]).sum(axis=2).mean())
     load = np.zeros((L, R), np.int64)
     for li in range(L):
         load[li] = np.bincount(ranks[:, li].ravel(), minlength=R)

@@ -53,7 +53,7 @@ CONFIG_KEY = "moeplace_capture"
 """`additional_config` key with the capture options ({"weights": bool}). Being in the config it is
 part of vLLM's compile-cache hash, so a graph compiled with capture is never reused without it."""
 
-CAPTURE_ABI = 2
+CAPTURE_ABI = 3
 """Bumped whenever the in-graph callbacks change, so stale compiled graphs are never reused."""
 
 EXTENSION_CLS = "vllm_moeplace.profiling.capture.CaptureWorkerExtension"
@@ -107,6 +107,21 @@ class _CopyIds:
         self.rows.fill_(n)
 
 
+class _CopyPhysical:
+    """Wraps a router's `_apply_eplb_mapping` when the placement plugin's logical->physical table is
+    installed there (serving/mapping.py): also copies the PHYSICAL ids the table chose, so a
+    benchmark can count what the serving path really dispatched (copies included)."""
+
+    def __init__(self, apply, buf) -> None:
+        self.apply = apply
+        self.buf = buf  # int16 [max_tokens, K]
+
+    def __call__(self, topk_ids):
+        out = self.apply(topk_ids)
+        self.buf[: out.shape[0]].copy_(out)
+        return out
+
+
 class _CopyWeights:
     """Wraps a router's `_compute_routing` to also copy the top-k weights (float16)."""
 
@@ -130,6 +145,8 @@ class _Chunk:
     req_index: np.ndarray  # int32 [n], index into _CaptureState.req_names
     positions: np.ndarray  # int32 [n]
     is_prefill: np.ndarray  # bool [n]
+    physical: np.ndarray | None = None  # int16 [n, L, K]: ids after the plugin's table (mapped plans)
+    batch_rows: np.ndarray | None = None  # int32 [n]: the token's row in its step's batch
 
 
 @dataclass
@@ -141,6 +158,7 @@ class _CaptureState:
     ids_bufs: list  # per layer int16 [max_tokens, K]
     weight_bufs: list | None
     phys_to_log: dict[int, np.ndarray] | None = None  # decoder layer -> [E] (a placement plan is active)
+    phys_bufs: list | None = None  # per layer int16 [max_tokens, K] (the plugin's mapping mechanism)
     armed: bool = False
     chunks: list[_Chunk] = field(default_factory=list)
     req_names: list[str] = field(default_factory=list)
@@ -219,15 +237,18 @@ class _CaptureState:
             for r in self.row_counts:
                 r.fill_(-1)  # the next step must write it again
             ids = torch.stack([b[:total] for b in self.ids_bufs], dim=1).numpy()
-            weights = None
+            weights = physical = None
             if self.weight_bufs is not None:
                 weights = torch.stack([b[:total] for b in self.weight_bufs], dim=1).numpy()
+            if self.phys_bufs is not None:
+                physical = torch.stack([b[:total] for b in self.phys_bufs], dim=1).numpy()
         # Row i belongs to request req[j] for the j whose block holds i; its position is the
         # request's first position plus the offset inside the block.
         block_start = np.cumsum(counts) - counts
         owner = np.repeat(np.arange(len(order)), counts)
         positions = (first[owner] + np.arange(total) - block_start[owner]).astype(np.int32)
-        self.chunks.append(_Chunk(ids, weights, req[owner], positions, positions < plen[owner]))
+        self.chunks.append(_Chunk(ids, weights, req[owner], positions, positions < plen[owner], physical,
+                                  np.arange(total, dtype=np.int32)))
         self.steps += 1
         for rid in so.finished_req_ids:
             self.prompt_lens.pop(rid, None)
@@ -242,18 +263,24 @@ class _CaptureState:
                 "req_index": np.concatenate([c.req_index for c in self.chunks]),
                 "positions": np.concatenate([c.positions for c in self.chunks]),
                 "is_prefill": np.concatenate([c.is_prefill for c in self.chunks]),
+                "batch_rows": np.concatenate([c.batch_rows for c in self.chunks]),
             }
             if self.weight_bufs is not None:
                 out["weights"] = np.concatenate([c.weights for c in self.chunks])
+            if self.phys_bufs is not None:
+                out["physical"] = np.concatenate([c.physical for c in self.chunks])
         else:
             out = {
                 "ids": np.zeros((0, L, K), np.int16),
                 "req_index": np.zeros(0, np.int32),
                 "positions": np.zeros(0, np.int32),
                 "is_prefill": np.zeros(0, np.bool_),
+                "batch_rows": np.zeros(0, np.int32),
             }
             if self.weight_bufs is not None:
                 out["weights"] = np.zeros((0, L, K), np.float16)
+            if self.phys_bufs is not None:
+                out["physical"] = np.zeros((0, L, K), np.int16)
         if self.phys_to_log:
             # With a plan the router emits PHYSICAL ids (its rows were permuted at load time);
             # the trace records LOGICAL (checkpoint) ids.
@@ -322,6 +349,12 @@ def install(worker) -> _CaptureState | None:
     max_tokens = int(runner.max_num_tokens)
     want_weights = bool(cfg.get("weights", False))
     ids_bufs, row_counts, weight_bufs = [], [], ([] if want_weights else None)
+    from vllm_moeplace.serving import mapping
+
+    mapped = [mapping.is_installed(m.router) for m in moe]
+    if any(mapped) and not all(mapped):
+        raise CaptureError("moeplace capture: the placement plan maps some MoE layers and not others")
+    phys_bufs = [] if any(mapped) else None
     for m in moe:
         router = m.router
         if not isinstance(router, BaseRouter):
@@ -333,6 +366,10 @@ def install(worker) -> _CaptureState | None:
         router.set_capture_fn(_CopyIds(buf, rows))
         ids_bufs.append(buf)
         row_counts.append(rows)
+        if phys_bufs is not None:
+            pbuf = torch.zeros(max_tokens, K, dtype=torch.int16)
+            router._apply_eplb_mapping = _CopyPhysical(router._apply_eplb_mapping, pbuf)
+            phys_bufs.append(pbuf)
         if want_weights:
             wbuf = torch.zeros(max_tokens, K, dtype=torch.float16)
             router._compute_routing = _CopyWeights(router._compute_routing, wbuf)
@@ -347,6 +384,7 @@ def install(worker) -> _CaptureState | None:
         ids_bufs=ids_bufs,
         weight_bufs=weight_bufs,
         row_counts=row_counts,
+        phys_bufs=phys_bufs,
     )
     original = runner.execute_model
 

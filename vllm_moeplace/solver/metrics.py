@@ -311,3 +311,35 @@ def evaluate_layers_reference(layers: dict[int, np.ndarray], topology: Topology,
         "imbalance": imb_sum / L,
         "inter_layer_node_sends": inter_sum / (T * (L - 1)) if L > 1 else 0.0,
     }
+
+
+# ---- one origin per token (the serving path's view) ----------------------------------------------
+
+
+def evaluate_layers_at_origins(
+    layers: dict[int, np.ndarray], topology: Topology, trace: Trace, origin: np.ndarray, spread: np.ndarray
+) -> dict[str, float]:
+    """node_sends, rank_sends and imbalance when token t starts on rank origin[t] with spread key
+    spread[t] (instead of the average over all origins): what a serving run with the replica
+    rule's virtual origins dispatched (replica.replicated_origin). Imbalance counts the pairs each
+    rank really served. `moeplace bench` compares this with the traffic it counted in the engine."""
+    from vllm_moeplace.replica import candidate_table, select
+
+    placed = _check_inputs(layers, topology, trace)
+    R = topology.ep_size
+    o = np.asarray(origin, dtype=np.int64)
+    node_of = topology.node_of_rank
+    T, L, K = trace.topk_ids.shape
+    ns, rs, im = (np.zeros(L) for _ in range(3))
+    for li, lid in enumerate(trace.layer_ids.tolist()):
+        a = placed[lid]
+        table = candidate_table(a, trace.num_experts, node_of)
+        hosts = select(table, trace.topk_ids[:, li, :], o, spread) // a.shape[1]  # [T, K] ranks
+        hit_rank = np.zeros((T, R), dtype=bool)
+        hit_rank[np.arange(T)[:, None], hosts] = True
+        hit_node = _node_membership(node_of[hosts], topology.num_nodes)
+        rs[li] = (hit_rank.sum(axis=1) - hit_rank[np.arange(T), o]).mean()
+        ns[li] = (hit_node.sum(axis=1) - hit_node[np.arange(T), node_of[o]]).mean()
+        load = np.bincount(hosts.ravel(), minlength=R).astype(np.float64)
+        im[li] = float(load.max() / load.mean()) if load.mean() > 0 else 1.0
+    return {"node_sends": float(ns.mean()), "rank_sends": float(rs.mean()), "imbalance": float(im.mean())}
