@@ -176,5 +176,8 @@ def test_cli_engine_options_reach_vllm_kwargs():
     }
     bare = cli.engine_kwargs(p.parse_args(["m", "--prompts", "p", "--out", "o"]))
     assert bare == {}  # nothing forced on vLLM that the user did not ask for
+    # the README's command (TP2 + EP, no fix flag): the job asks for the CPU EP kernel fix by itself
+    ep = cli.engine_kwargs(p.parse_args(["m", "--prompts", "p", "--out", "o", "-tp", "2", "--enable-expert-parallel"]))
+    assert ep["additional_config"] == {"moe_cpu_ep_fix": True}
     with pytest.raises(Exception, match="JSON object"):
         cli.engine_kwargs(p.parse_args(["m", "--prompts", "p", "--out", "o", "--additional-config", "[1]"]))

@@ -168,3 +168,29 @@ def test_vllm_serve_help_shows_the_flags():
     r = _run([str(VLLM), "serve", "--help=vllm-moeplace"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--moe-placement-plan PATH" in r.stdout and "--moe-cpu-ep-fix" in r.stdout
+
+
+def test_cpu_ep_without_the_fix_warns_loudly(model, clean_env):
+    """Plain TP+EP on CPU with the plugin installed and no fix: vLLM's kernel would crash or give
+    wrong outputs, so the plugin says so and names the flag (and changes nothing else)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("vllm.moeplace")
+    h = Grab(level=logging.WARNING)
+    log.addHandler(h)
+    try:
+        engine_config(model, None)  # TP2 + EP, nothing asked
+        warned = [r.getMessage() for r in records if "without the kernel fix" in r.getMessage()]
+        assert warned and "--moe-cpu-ep-fix" in warned[0]
+        records.clear()
+        engine_config(model, None, tp=2, ep=False)  # no EP: no warning
+        assert not [r for r in records if "without the kernel fix" in r.getMessage()]
+    finally:
+        log.removeHandler(h)
+    assert os.environ.get("MOEPLACE_RUNTIME_HOOKS") is None

@@ -59,7 +59,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     extra = dict(args.additional_config or {})
     if args.moe_placement_plan:
         extra["moe_placement_plan"] = args.moe_placement_plan
-    if args.moe_cpu_ep_fix:
+    if args.moe_cpu_ep_fix or ek.get("enable_expert_parallel"):
+        # vLLM's CPU MoE kernel ignores expert_map under EP and crashes or computes the wrong
+        # experts (docs/cpu-ep-kernel-bug.md): our own job always asks for the fix with EP. It is
+        # installed only on the CPU platform, so this changes nothing on GPUs.
         extra["moe_cpu_ep_fix"] = True
     for k, v in args.engine_arg:
         ek[k] = v

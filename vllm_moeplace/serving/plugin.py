@@ -128,7 +128,9 @@ def _create_engine_config(orig: Any, engine_args: Any, *args: Any, **kwargs: Any
     if not req.active:
         # Nothing asked: vLLM exactly as without the plugin (and no stale flag for children).
         os.environ.pop(st.ENV_ACTIVE, None)
-        return orig(engine_args, *args, **kwargs)
+        vllm_config = orig(engine_args, *args, **kwargs)
+        _warn_if_cpu_ep_unfixed(vllm_config)
+        return vllm_config
     try:
         return _create_active_config(orig, engine_args, req, *args, **kwargs)
     except MoeplaceError as e:
@@ -136,6 +138,23 @@ def _create_engine_config(orig: Any, engine_args: Any, *args: Any, **kwargs: Any
             # `vllm serve`: one line naming file, field and value; no traceback.
             raise SystemExit(f"vllm-moeplace: error: {e}") from None
         raise
+
+
+def _warn_if_cpu_ep_unfixed(vllm_config: Any) -> None:
+    """Upstream's CPU MoE kernel under EP reads experts this rank does not hold: say so loudly
+    (and how to fix it) instead of letting a user trust its outputs."""
+    try:
+        from vllm_moeplace.serving import cpu_ep_fix
+
+        unfixed = cpu_ep_fix.needs_fix(vllm_config)
+    except Exception:  # noqa: BLE001 - a warning must never stop vLLM from starting
+        return
+    if unfixed:
+        logger.warning(
+            "vllm-moeplace: expert parallelism on CPU without the kernel fix: vLLM's CPU MoE kernel ignores "
+            "expert_map under EP (crashes or wrong outputs; docs/cpu-ep-kernel-bug.md). Add --moe-cpu-ep-fix "
+            "(or additional_config={\"moe_cpu_ep_fix\": true})."
+        )
 
 
 def _create_active_config(orig: Any, engine_args: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
