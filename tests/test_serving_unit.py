@@ -338,3 +338,43 @@ def test_random_plan_cli(tmp_path):
     for a in load_plan(out_a).layers.values():
         assert (a.ravel() // 4 == np.arange(8) // 4).all()
     assert main(["random-plan", "--model", str(tmp_path), "--ep-size", "3", "--out", str(out_a)]) == 2
+
+
+def test_mtp_and_draft_layers_are_never_renamed():
+    plan = make_plan({0: [[7, 6, 5, 4], [3, 2, 1, 0]]})
+    rm = WeightRemapper(plan, ARCHITECTURES["DeepseekV3ForCausalLM"])
+    t = torch.zeros(8, 4)
+    for name in ("mtp.layers.0.mlp.experts.0.gate_proj.weight", "model.mtp.layers.0.mlp.experts.0.gate_proj.weight",
+                 "mtp.layers.0.mlp.gate.weight"):
+        assert rm.rename(name, t) == (name, t)
+    assert rm.rename("model.layers.0.mlp.experts.0.gate_proj.weight", t)[0] == "model.layers.0.mlp.experts.7.gate_proj.weight"
+
+
+def test_router_bias_missing_for_one_planned_layer_is_refused():
+    plan = make_plan({0: [[7, 6, 5, 4], [3, 2, 1, 0]], 1: [[0, 1, 2, 3], [4, 5, 6, 7]]})
+    rm = WeightRemapper(plan, ARCHITECTURES["DeepseekV3ForCausalLM"])
+    for l in (0, 1):
+        rm.rename(f"model.layers.{l}.mlp.gate.weight", torch.zeros(8, 4))
+    rm.rename("model.layers.0.mlp.gate.e_score_correction_bias", torch.zeros(8))
+    with pytest.raises(PlanError, match=r"'mlp\.gate\.e_score_correction_bias' arrived for some planned layers but not for layers \[1\]"):
+        rm.check_complete()
+    rm.rename("model.layers.1.mlp.gate.e_score_correction_bias", torch.zeros(8))
+    rm.check_complete()
+
+
+def test_plan_hash_is_of_the_bytes_parsed(tmp_path):
+    import hashlib
+
+    from vllm_moeplace.plan import load_plan_hashed
+    from vllm_moeplace.serving import settings
+
+    p = tmp_path / "plan.json"
+    make_plan({0: [[7, 6, 5, 4], [3, 2, 1, 0]]}).save(p)
+    plan, sha = load_plan_hashed(p)
+    assert sha == hashlib.sha256(p.read_bytes()).hexdigest() and plan.layers[0][0, 0] == 7
+    make_plan({0: [[0, 6, 5, 4], [3, 2, 1, 7]]}).save(p)  # replaced after validation
+    with pytest.raises(PlanError, match=r"plan file changed after the server validated it"):
+        settings.load_checked(str(p), sha)
+    p.write_bytes(b"\xff\xfe{")
+    with pytest.raises(PlanError, match=r"plan\.json: plan file is not UTF-8 text"):
+        load_plan_hashed(p)

@@ -338,6 +338,27 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return parse_plan(read_json(path, "plan file", PlanError), source=str(path))
 
 
+def load_plan_hashed(path: str | os.PathLike) -> tuple[Plan, str]:
+    """(plan, SHA-256 of exactly the bytes that were parsed): the file is read once, so a file
+    replaced between hashing and parsing can never pass as the validated one."""
+    import hashlib
+
+    src = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PlanError(f"{src}: cannot read plan file: {e.strerror or e}") from None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PlanError(f"{src}: plan file is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise PlanError(f"{src}: JSON nested too deeply") from None
+    return parse_plan(obj, source=src), hashlib.sha256(data).hexdigest()
+
+
 def validate_plan(plan: Plan) -> None:
     """The specification of a valid plan (independent of any solver or server).
 

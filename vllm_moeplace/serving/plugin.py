@@ -158,7 +158,7 @@ def _warn_if_cpu_ep_unfixed(vllm_config: Any) -> None:
 
 
 def _create_active_config(orig: Any, engine_args: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.plan import load_plan_hashed
     from vllm_moeplace.serving import settings as st
     from vllm_moeplace.serving.compat import check_supported
     from vllm_moeplace.serving.validate import check_server
@@ -168,9 +168,10 @@ def _create_active_config(orig: Any, engine_args: Any, req: Any, *args: Any, **k
     if req.plan_path is not None:
         check_supported("--moe-placement-plan")
         path = os.path.abspath(req.plan_path)
-        plan = load_plan(path)  # structural checks: PlanError naming file/field/value
+        # structural checks (PlanError naming file/field/value) and the hash of the same bytes
+        plan, sha = load_plan_hashed(path)
         extra[st.PLAN_KEY] = path
-        extra[st.SHA_KEY] = st.file_sha256(path)
+        extra[st.SHA_KEY] = sha
     if req.cpu_ep_fix:
         extra[st.FIX_KEY] = True
     engine_args.additional_config = extra

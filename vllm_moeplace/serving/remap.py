@@ -71,8 +71,10 @@ class WeightRemapper:
         self.arch = arch
         self.remaps = build_remaps(plan)
         block = re.escape(arch.block)
-        # group 1: everything up to and including "{block}."; 2: layer index; 3: the rest
-        self._re = re.compile(rf"^(.*?\blayers\.(\d+)\.{block}\.)(.*)$")
+        # group 1: everything up to and including "{block}."; 2: layer index; 3: the rest.
+        # Anchored at the checkpoint's main-model prefix: an MTP / draft layer
+        # (`mtp.layers.0.mlp...`, `model.mtp.layers...`) is never taken for main layer 0.
+        self._re = re.compile(rf"^((?:model\.)?layers\.(\d+)\.{block}\.)(.*)$")
         self._expert_re = re.compile(r"^experts\.(\d+)\.(.+)$")
         self.seen_router: set[tuple[int, str]] = set()
         self.renamed = 0
@@ -122,3 +124,12 @@ class WeightRemapper:
                 f"{self.plan.source}: field 'layers': the checkpoint has no router weight "
                 f"'{self.arch.block}.gate.weight' for planned layers {missing}; refusing to load"
             )
+        # Every router-row tensor seen for one planned layer (e.g. DeepSeek-V3's score bias) must
+        # have arrived, permuted, for all of them: an unpermuted bias would misroute silently.
+        for row in {r for _, r in self.seen_router}:
+            lacking = [l for l in self.remaps if (l, row) not in self.seen_router]
+            if lacking:
+                raise PlanError(
+                    f"{self.plan.source}: field 'layers': router tensor '{self.arch.block}.{row}' arrived for some "
+                    f"planned layers but not for layers {lacking}; refusing to load"
+                )

@@ -70,16 +70,18 @@ _cache: dict[tuple[str, str | None], Plan] = {}
 
 
 def load_checked(path: str, sha256: str | None) -> Plan:
-    """Load a plan, refusing one whose bytes differ from what was validated at config time."""
-    if sha256 is not None:
-        now = file_sha256(path)
-        if now is not None and now != sha256:
+    """Load a plan, refusing one whose bytes differ from what was validated at config time (the
+    bytes hashed are the bytes parsed: one read)."""
+    from vllm_moeplace.plan import load_plan_hashed
+
+    key = (path, sha256)
+    if key not in _cache:
+        plan, now = load_plan_hashed(path)
+        if sha256 is not None and now != sha256:
             raise PlanError(
                 f"{path}: plan file changed after the server validated it (sha256 {now[:12]} != {sha256[:12]})"
             )
-    key = (path, sha256)
-    if key not in _cache:
-        _cache[key] = load_plan(path)
+        _cache[key] = plan
     return _cache[key]
 
 
