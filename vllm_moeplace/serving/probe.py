@@ -44,6 +44,13 @@ def run(args: argparse.Namespace) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=2 if args.logprobs else None)
     outs = llm.generate(prompts, sp, use_tqdm=False)
     ranks = llm.collective_rpc("moeplace_inspect") if not args.no_inspect else []
+    reload_error = None
+    if args.try_reload:
+        # vLLM's in-place weight reload, as RL frameworks call it: with a plan it must be refused.
+        try:
+            llm.collective_rpc("reload_weights")
+        except Exception as e:  # noqa: BLE001 - recorded for the caller to assert on
+            reload_error = f"{type(e).__name__}: {e}"
     logprobs = None
     if args.logprobs:
         # per generated token: the two best {token id: logprob}, to tell a near-tie from a real difference
@@ -51,6 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": logprobs,
+        "reload_error": reload_error,
         "ranks": ranks,
         "init_seconds": init_s,
     }
@@ -68,6 +76,7 @@ def main() -> None:
     p.add_argument("--prompts", default=None, help="JSON list of token-id lists")
     p.add_argument("--no-inspect", action="store_true")
     p.add_argument("--logprobs", action="store_true", help="also dump the top-2 logprobs of every generated token")
+    p.add_argument("--try-reload", action="store_true", help="after generating, try vLLM's reload_weights; record the error")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     result = run(args)

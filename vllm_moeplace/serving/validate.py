@@ -150,6 +150,17 @@ def check_server(plan: Plan, vllm_config: "VllmConfig") -> MoeArch:
         (vllm_config.load_config.load_format not in SUPPORTED_LOAD_FORMATS,
          f"load_format={vllm_config.load_config.load_format}",
          f"only {', '.join(SUPPORTED_LOAD_FORMATS)} stream weights through the remapper"),
+        # vLLM slices MoE LoRA adapters by the logical block ep_rank*local : +local
+        # (lora/model_manager.py), which under a plan lands on other experts' weights.
+        (getattr(vllm_config, "lora_config", None) is not None, "LoRA (enable_lora)",
+         "MoE LoRA adapters are sliced by vLLM's default expert layout and would land on the wrong experts"),
+        # Routed-expert outputs are taken after the router's top-k step: physical slot ids under a
+        # plan, which callers would read as checkpoint expert ids.
+        (bool(getattr(getattr(vllm_config, "aux_output_config", None), "enable_return_routed_experts", False)),
+         "enable_return_routed_experts", "the returned expert ids would be physical slots, not checkpoint experts"),
+        # Weight-transfer updates load weights through a fresh loader that bypasses the plan.
+        (getattr(vllm_config, "weight_transfer_config", None) is not None, "weight_transfer_config",
+         "weight updates would be written by vLLM's default layout, out of step with the plan"),
     ]
     for bad, what, why in refusals:
         if bad:
