@@ -211,12 +211,33 @@ def test_weight_reload_refused_while_serving_a_plan(setup):
     assert err is not None and "reload_weights is not supported while serving a placement plan" in err
 
 
+def test_ranks_serving_different_plans_fail_the_start(setup, tmp_path):
+    """Rank 1 reports another plan hash (as a node with another plan file would): the start fails
+    before serving, naming both ranks and their hashes."""
+    if setup.arch != "qwen3_moe":
+        pytest.skip("one architecture is enough")
+    cmd = [sys.executable, "-m", "vllm_moeplace.serving.probe", "--model", str(setup.model), "--tp", "2",
+           "--plan", str(setup.plan_path), "--no-inspect", "--max-tokens", "1", "--out", str(tmp_path / "x.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                       env=child_env(VLLM_MOEPLACE_TEST_FAULT_RANK="1"))
+    assert r.returncode != 0 and not (tmp_path / "x.json").exists()
+    m = re.search(r"expert-parallel ranks do not serve the same plan \(ep_rank 0: sha256 ([0-9a-f]{12}) \(permute\), "
+                  r"ep_rank 1: sha256 000000000000 \(permute\)\)", r.stderr + r.stdout)
+    assert m, (r.stderr + r.stdout)[-3000:]
+    import hashlib
+
+    assert m.group(1) == hashlib.sha256(setup.plan_path.read_bytes()).hexdigest()[:12]
+
+
 def test_plugin_active_only_with_a_request(setup):
     for r in setup.runs["plan_tp2"]["ranks"] + setup.runs.get("default_tp2", {"ranks": []})["ranks"]:
         assert r["runtime_hooks"] and r["cpu_ep_fix"]
+    for r in setup.runs["plan_tp2"]["ranks"]:
+        assert r["plan_requested"]
     if "tp1" in setup.runs:
+        # the load hook is there in every worker (the request travels in the config), and inert
         for r in setup.runs["tp1"]["ranks"]:
-            assert not r["runtime_hooks"] and not r["cpu_ep_fix"]
+            assert r["runtime_hooks"] and not r["plan_requested"] and not r["cpu_ep_fix"]
 
 
 def test_default_layout_with_cpu_ep_fix_matches_tp1(setup):

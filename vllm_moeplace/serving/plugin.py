@@ -9,9 +9,11 @@ Two layers of hooks, so that without a plan nothing in vLLM's runtime changes:
   validates the plan against the model and server BEFORE any worker is spawned, writes the
   absolute path + SHA-256 into `additional_config`, and marks child processes active through
   the environment (`MOEPLACE_RUNTIME_HOOKS=1`).
-- runtime hooks, installed only in active processes: a wrapper of `BaseModelLoader.load_model`
-  that remaps expert weights for the plan (remap.py) and installs the CPU EP kernel fix
-  (cpu_ep_fix.py) where needed. Nothing else is patched.
+- runtime hooks, installed in every process (inert unless the vLLM config asks): a wrapper of
+  `BaseModelLoader.load_model` that remaps expert weights for the plan (remap.py / mapping.py),
+  installs the CPU EP kernel fix (cpu_ep_fix.py) where needed, and checks that every EP rank
+  serves the same plan. The request is read from `additional_config`, which vLLM ships to every
+  worker (Ray workers included), never only from the environment.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ def register() -> None:
         return
     _registered = True
     _install_config_hooks()
-    from vllm_moeplace.serving.settings import ENV_ACTIVE
-
-    if os.environ.get(ENV_ACTIVE) == "1":
-        install_runtime_hooks()
+    # The load hook is installed in every process and reads the request from the vLLM config
+    # (additional_config, shipped to every worker, Ray ones included), not from the environment,
+    # which launchers such as Ray do not forward: a worker on another node still sees the plan.
+    # Without a request in its config it only calls vLLM's own load_model.
+    install_runtime_hooks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +257,7 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
         verify_physical_layout(model, plan)
         moved = remapper.renamed
     _refuse_weight_reload(plan.source)
+    check_ep_agreement(plan.source, _fault_sha(req.plan_sha256 or ""), mech)
     # One line per rank, with the rank and the plan's hash: deploy/check_applied.sh reads these
     # from every node's log to prove the whole EP group serves the same plan.
     logger.info(
@@ -262,6 +266,42 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
         _ep_rank(), plan.ep_size, (req.plan_sha256 or "")[:12],
     )
     return model
+
+
+ENV_FAULT_RANK = "VLLM_MOEPLACE_TEST_FAULT_RANK"
+"""Tests only: this EP rank reports a different plan hash to the agreement check, as a node with
+another plan file (or no plugin activation) would. Named so nobody sets it by accident."""
+
+
+def _fault_sha(sha: str) -> str:
+    rank = os.environ.get(ENV_FAULT_RANK)
+    return "0" * 64 if rank is not None and rank == str(_ep_rank()) else sha
+
+
+def check_ep_agreement(source: str, sha: str, mechanism: str) -> None:
+    """All EP ranks must serve the same plan (SHA-256) with the same mechanism: one all-gather over
+    the EP group's CPU group after loading; a start where ranks differ fails, naming them.
+    (A rank whose node has no vllm-moeplace installed cannot join this call; the others then wait
+    until the group's timeout instead of serving a mixed layout.)"""
+    try:
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_ep_group
+
+        group = get_ep_group()
+    except Exception:  # noqa: BLE001 - no EP group (single process): nothing to agree on
+        return
+    if group.world_size <= 1:
+        return
+    mine = {"rank": int(group.rank_in_group), "sha256": sha, "mechanism": mechanism}
+    everyone: list[Any] = [None] * group.world_size
+    dist.all_gather_object(everyone, mine, group=group.cpu_group)
+    kinds = {(e["sha256"], e["mechanism"]) for e in everyone}
+    if len(kinds) > 1:
+        from vllm_moeplace.plan import PlanError
+
+        per_rank = ", ".join(f"ep_rank {e['rank']}: sha256 {e['sha256'][:12] or 'none'} ({e['mechanism']})"
+                             for e in sorted(everyone, key=lambda e: e["rank"]))
+        raise PlanError(f"{source}: expert-parallel ranks do not serve the same plan ({per_rank}); refusing to start")
 
 
 def _refuse_weight_reload(source: str) -> None:

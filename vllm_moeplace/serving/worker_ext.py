@@ -56,6 +56,7 @@ class MoePlaceWorkerExtension:
         return {
             "ep_rank": ep_rank,
             "runtime_hooks": bool(getattr(BaseModelLoader.load_model, "_moeplace", False)),
+            "plan_requested": bool((self.vllm_config.additional_config or {}).get("moe_placement_plan")),  # type: ignore[attr-defined]
             "cpu_ep_fix": cpu_ep_fix.is_installed(),
             "layers": layers,
         }
