@@ -18,7 +18,8 @@ from pathlib import Path
 
 from vllm_moeplace.errors import MoeplaceError
 
-ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "glm4_moe", "ernie45_moe",
+         "minimax_m2")
 
 # A small, varied corpus for the tokenizer and the default prompt set: code, science, chat, maths,
 # so that a profiled trace has domain labels with different routing.
@@ -89,8 +90,8 @@ class TinyModelSpec:
             )
         if self.num_groups < 1 or self.num_experts % self.num_groups:
             raise MoeplaceError(f"tiny-model: num_groups={self.num_groups} must divide num_experts={self.num_experts}")
-        if self.num_groups > 1 and self.arch != "deepseek_v3":
-            raise MoeplaceError("tiny-model: expert groups (grouped top-k) are built only for --arch deepseek_v3")
+        if self.num_groups > 1 and self.arch not in ("deepseek_v3", "glm4_moe"):
+            raise MoeplaceError("tiny-model: expert groups (grouped top-k) are built only for --arch deepseek_v3, glm4_moe")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise MoeplaceError("tiny-model: heads must divide hidden_size and kv heads must divide heads")
 
@@ -149,6 +150,35 @@ def _hf_config(spec: TinyModelSpec):
             num_local_experts=spec.num_experts,
             num_experts_per_tok=spec.top_k,
             head_dim=spec.hidden_size // spec.num_attention_heads,
+        )
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    if spec.arch == "olmoe":
+        if spec.first_dense_layers:
+            raise MoeplaceError("tiny-model: olmoe has no dense layers (first_dense_layers must be 0)")
+        return transformers.OlmoeConfig(**common, intermediate_size=spec.moe_intermediate_size,
+                                        num_experts=spec.num_experts, num_experts_per_tok=spec.top_k, norm_topk_prob=False)
+    if spec.arch == "glm4_moe":
+        # GLM-4.5/4.6: sigmoid scores + e_score_correction_bias, (optionally grouped) top-k, shared expert
+        return transformers.Glm4MoeConfig(
+            **common, intermediate_size=spec.moe_intermediate_size * 2, moe_intermediate_size=spec.moe_intermediate_size,
+            n_routed_experts=spec.num_experts, n_shared_experts=1, num_experts_per_tok=spec.top_k,
+            first_k_dense_replace=spec.first_dense_layers, n_group=spec.num_groups,
+            topk_group=max(1, spec.num_groups // 2), norm_topk_prob=True, routed_scaling_factor=1.0,
+            head_dim=head_dim, partial_rotary_factor=0.5, use_qk_norm=False,
+        )
+    if spec.arch == "ernie45_moe":
+        return transformers.Ernie4_5_MoeConfig(
+            **common, intermediate_size=spec.moe_intermediate_size * 2, moe_intermediate_size=spec.moe_intermediate_size,
+            moe_num_experts=spec.num_experts, moe_k=spec.top_k, moe_layer_start_index=spec.first_dense_layers,
+            moe_layer_interval=1, moe_num_shared_experts=0, head_dim=head_dim,
+        )
+    if spec.arch == "minimax_m2":
+        if spec.first_dense_layers:
+            raise MoeplaceError("tiny-model: minimax_m2 has no dense layers (first_dense_layers must be 0)")
+        common.pop("pad_token_id")
+        return transformers.MiniMaxM2Config(
+            **common, intermediate_size=spec.moe_intermediate_size, num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k, head_dim=head_dim, rotary_dim=head_dim, use_qk_norm=True,
         )
     # deepseek_v2/v3: MLA attention with the only latent width the CPU backend supports; MLA has
     # one KV head per query head.
@@ -243,7 +273,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None, **o
     # distinct, input-dependent scores, as in a trained model.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")) or ".mlp.gate." in name and name.endswith("weight") and p.dim() == 2 and p.shape[0] == spec.num_experts:
                 p.normal_(0.0, 0.5)
             if spec.arch.startswith("deepseek") and name == "lm_head.weight":
                 # vLLM's CPU MLA attention is not bit-reproducible run to run (../shared notes), so

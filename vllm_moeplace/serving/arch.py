@@ -27,6 +27,30 @@ def _mixtral_moe_layers(cfg: Any) -> list[int]:
     return list(range(cfg.num_hidden_layers))
 
 
+def _all_layers_if_experts(*attrs: str) -> Callable[[Any], list[int]]:
+    def layers(cfg: Any) -> list[int]:
+        if not any(getattr(cfg, a, None) for a in attrs):
+            return []
+        return list(range(cfg.num_hidden_layers))
+
+    return layers
+
+
+def _ernie_moe_layers(cfg: Any) -> list[int]:
+    # vLLM ernie45_moe.py Ernie4_5_MoeDecoderLayer: every moe_layer_interval-th layer between
+    # moe_layer_start_index and moe_layer_end_index (inclusive), when use_moe.
+    n = getattr(cfg, "moe_num_experts", 0) or 0
+    if isinstance(n, (list, tuple)):  # the VL variant lists text/vision experts
+        n = n[0]
+    if not getattr(cfg, "use_moe", n > 0):
+        return []
+    start = getattr(cfg, "moe_layer_start_index", 0) or 0
+    end = getattr(cfg, "moe_layer_end_index", None)
+    end = cfg.num_hidden_layers - 1 if end is None or end < 0 else end
+    step = getattr(cfg, "moe_layer_interval", 1) or 1
+    return [i for i in range(cfg.num_hidden_layers) if (i + 1) % step == 0 and start <= i <= end]
+
+
 def _deepseek_moe_layers(cfg: Any) -> list[int]:
     # vLLM deepseek_v2.py DeepseekV2DecoderLayer: first_k_dense_replace dense layers, then MoE
     # every moe_layer_freq layers. MTP layers (index >= num_hidden_layers) are not main-model layers.
@@ -52,6 +76,11 @@ class MoeArch:
     untouched_prefixes: tuple[str, ...]
     """Tensors after `{block}.` that are not per routed expert (shared experts and their gate)."""
     moe_layers: Callable[[Any], list[int]]
+    permute: bool = True
+    """The permutation mechanism is audited for this architecture (block, router rows, untouched
+    tensors exact). False: plans are always served by the mapping mechanism (serving/mapping.py),
+    which renames nothing and leaves the router untouched, so it needs only the MoE layers and
+    that vLLM loads the experts through `RoutedExperts`' weight loader (checked end to end)."""
 
     def num_experts(self, hf_config: Any) -> int:
         for attr in self.num_experts_attrs:
@@ -107,6 +136,44 @@ ARCHITECTURES: dict[str, MoeArch] = {
             router_rows=("gate.weight", "gate.e_score_correction_bias"),
             untouched_prefixes=("shared_experts.",),
             moe_layers=_deepseek_moe_layers,
+        ),
+        # Mapping mechanism only (see MoeArch.permute): loaded by vLLM's AutoWeightsLoader through
+        # RoutedExperts, per-expert checkpoint tensors, routers left as upstream builds them.
+        MoeArch(
+            name="OlmoeForCausalLM",
+            block="mlp",
+            num_experts_attrs=("num_experts",),
+            router_rows=("gate.weight",),
+            untouched_prefixes=(),
+            moe_layers=_all_layers_if_experts("num_experts"),
+            permute=False,
+        ),
+        MoeArch(
+            name="Glm4MoeForCausalLM",
+            block="mlp",
+            num_experts_attrs=("n_routed_experts",),
+            router_rows=("gate.weight", "gate.e_score_correction_bias"),
+            untouched_prefixes=("shared_experts.",),
+            moe_layers=_deepseek_moe_layers,  # first_k_dense_replace, as vLLM glm4_moe.py
+            permute=False,
+        ),
+        MoeArch(
+            name="Ernie4_5_MoeForCausalLM",
+            block="mlp",
+            num_experts_attrs=("moe_num_experts",),
+            router_rows=("gate.weight", "moe_statics.e_score_correction_bias"),
+            untouched_prefixes=("shared_experts.",),
+            moe_layers=_ernie_moe_layers,
+            permute=False,
+        ),
+        MoeArch(
+            name="MiniMaxM2ForCausalLM",
+            block="block_sparse_moe",
+            num_experts_attrs=("num_local_experts",),
+            router_rows=("gate.weight", "e_score_correction_bias"),
+            untouched_prefixes=(),
+            moe_layers=_all_layers_if_experts("num_local_experts"),
+            permute=False,
         ),
         MoeArch(
             name="DeepseekV3ForCausalLM",

@@ -99,12 +99,14 @@ def mechanism(plan: Plan, arch: MoeArch, hf_config: Any) -> str:
     """PERMUTE (zero-cost: permute experts and router rows at load time) for plans that are pure
     permutations vLLM's router can emit by itself; MAP (serving/mapping.py: logical -> physical
     table after top-k) for redundant copies and for cross-group moves under grouped top-k."""
-    if plan.has_redundancy() or cross_group_slot(plan, arch.expert_groups(hf_config)) is not None:
+    if not arch.permute or plan.has_redundancy() or cross_group_slot(plan, arch.expert_groups(hf_config)) is not None:
         return MAP
     return PERMUTE
 
 
 def _why_map(plan: Plan, arch: MoeArch, hf_config: Any) -> str:
+    if not arch.permute:
+        return f"is for {arch.name}, served by the mapping mechanism"
     if plan.has_redundancy():
         return f"has redundant copies ({plan.slots_per_rank()} slots per rank x {plan.ep_size} ranks > {plan.num_experts} experts)"
     return f"moves experts across the {arch.expert_groups(hf_config)} expert groups of grouped top-k"
