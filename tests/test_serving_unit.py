@@ -378,3 +378,28 @@ def test_plan_hash_is_of_the_bytes_parsed(tmp_path):
     p.write_bytes(b"\xff\xfe{")
     with pytest.raises(PlanError, match=r"plan\.json: plan file is not UTF-8 text"):
         load_plan_hashed(p)
+
+
+def test_cpu_ep_fix_covers_every_cpu_experts_class_that_ignores_expert_map():
+    from vllm_moeplace.serving import cpu_ep_fix
+
+    names = {c.__name__ for c in cpu_ep_fix.experts_classes()}
+    assert {"CPUUnquantizedExperts", "CPUExpertsFp8", "CPUExpertsMxfp4", "CPUExpertsFp8W8A8"} <= names
+
+    def uses_it(self, topk_ids, expert_map):
+        return topk_ids if expert_map is None else expert_map[topk_ids]
+
+    def ignores_it(self, topk_ids, expert_map):
+        return topk_ids
+
+    assert not cpu_ep_fix._ignores_expert_map(uses_it)  # a fixed upstream kernel is left alone
+    assert cpu_ep_fix._ignores_expert_map(ignores_it)
+    was = cpu_ep_fix.is_installed()
+    try:
+        cpu_ep_fix.install()
+        assert all(hasattr(vars(c)["apply"], "_moeplace_original_apply") for c in cpu_ep_fix.experts_classes())
+        assert not cpu_ep_fix.install()  # idempotent: nothing wrapped twice
+    finally:
+        if not was:
+            cpu_ep_fix.uninstall()
+    assert cpu_ep_fix.is_installed() == was

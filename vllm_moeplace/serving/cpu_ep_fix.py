@@ -6,6 +6,13 @@ only its local experts, so the kernel indexes past its weight tensor and segfaul
 request. The fix maps ids through `expert_map` first: local experts get their local slot,
 non-local ones slot 0 with weight 0 (their partial sum is added by the other rank's all-reduce).
 
+The same bug is in every modular CPU experts class of `cpu_moe.py` (unquantized, fp8, mxfp4,
+int8 on x86/Arm/Power/Zen, fp8 w8a8): `supports_expert_map()` exists but nothing calls it, and
+each `apply` hands global ids to its kernel. `install()` wraps the `apply` of every such class
+whose source never reads `expert_map` past its signature (a future vLLM that maps ids itself is
+left alone: mapping twice would be wrong). Only the unquantized path is run here (no quantized
+tiny model); the quantized ones take the same ids/weights contract.
+
 Installed only in worker processes, only on the CPU platform with EP on, on the vLLM builds known
 to have the bug (internals 0.32-0.33), and only when the plugin is active (a plan, or the fix
 asked for alone). `map_topk_to_local` is the whole fix as a pure tensor function.
@@ -55,6 +62,41 @@ def _experts_class() -> type:
     return CPUUnquantizedExperts
 
 
+def _ignores_expert_map(fn: Any) -> bool:
+    """`apply` takes expert_map but its body never uses it (the bug), judged from its source."""
+    import re
+
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if "expert_map" not in inspect.signature(fn).parameters:
+        return False
+    # the body starts after the signature's closing "):" / ") -> T:" line
+    head_end = re.search(r"\)\s*(->[^:]*)?:\s*\n", src)
+    if head_end is None:
+        return False
+    return re.search(r"\bexpert_map\b", src[head_end.end():]) is None
+
+
+def experts_classes() -> list[type]:
+    """Every modular CPU experts class (defining its own `apply`) whose kernel ignores expert_map."""
+    from vllm.model_executor.layers.fused_moe import modular_kernel as mk
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    out = []
+    for obj in vars(cpu_moe).values():
+        if (
+            isinstance(obj, type)
+            and obj.__module__ == cpu_moe.__name__
+            and issubclass(obj, mk.FusedMoEExpertsModular)
+            and "apply" in vars(obj)
+            and (hasattr(vars(obj)["apply"], _ORIGINAL_ATTR) or _ignores_expert_map(vars(obj)["apply"]))
+        ):
+            out.append(obj)
+    return out
+
+
 def is_installed() -> bool:
     return hasattr(_experts_class().apply, _ORIGINAL_ATTR)
 
@@ -75,9 +117,16 @@ def needs_fix(vllm_config: "VllmConfig") -> bool:
 
 
 def install() -> bool:
-    """Wrap CPUUnquantizedExperts.apply (and so its x86/Arm/Power subclasses). Idempotent."""
-    cls = _experts_class()
-    original = cls.apply
+    """Wrap the `apply` of every CPU experts class that ignores expert_map (the unquantized one's
+    x86/Arm/Power subclasses inherit it). Idempotent; True if anything was wrapped now."""
+    done = False
+    for cls in experts_classes():
+        done |= _wrap(cls)
+    return done
+
+
+def _wrap(cls: type) -> bool:
+    original = vars(cls)["apply"]
     if hasattr(original, _ORIGINAL_ATTR):
         return False
     sig = inspect.signature(original)
@@ -98,7 +147,7 @@ def install() -> bool:
 
 
 def uninstall() -> None:
-    cls = _experts_class()
-    original = getattr(cls.apply, _ORIGINAL_ATTR, None)
-    if original is not None:
-        cls.apply = original
+    for cls in experts_classes():
+        original = getattr(vars(cls)["apply"], _ORIGINAL_ATTR, None)
+        if original is not None:
+            cls.apply = original
