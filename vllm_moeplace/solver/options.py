@@ -30,7 +30,12 @@ class SolveOptions(BaseModel):
     expectation (0.5: the expectation). The realised mean over layers of one held-out sample has a
     spread of its own (about 0.01 on DeepSeek-V2-Lite EP8/8); 0.9 keeps 1.28 of those under the bound."""
     redundant_per_rank: int = Field(default=0, ge=0)
-    """Extra expert slots per rank filled with copies of hot experts (evaluated offline)."""
+    """Extra expert slots per rank filled with copies of experts (served by the replica rule)."""
+    copy_placement: Literal["locality", "balance"] = "locality"
+    """With redundant_per_rank: locality = copies chosen by their exact train node_sends decrease
+    under the replica rule, within the rank load cap (`solver.replicas`), and every slot then
+    re-optimised; balance = the earlier rule (EPLB-style copy counts, copies on the lightest ranks,
+    `cpsat_redundancy`), kept for comparison."""
     time_limit: float = Field(default=60.0, gt=0.0)
     """Total wall-clock budget of the search, split evenly over the layers."""
     train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -38,6 +38,7 @@ from vllm_moeplace.solver.cpsat_model import reoptimise_units
 from vllm_moeplace.solver.cpsat_redundancy import add_replicas, copy_counts, rebalance
 from vllm_moeplace.solver.greedy import grow_groups, lpt_partition
 from vllm_moeplace.solver.options import SolveOptions
+from vllm_moeplace.solver.replicas import CopyPlacementError, everywhere_set, place_copies, project_out
 from vllm_moeplace.trace import Trace
 
 # --balance-target expected: share of each layer's budget spent on the candidate caps; the rest
@@ -45,6 +46,10 @@ from vllm_moeplace.trace import Trace
 _FIRST_PASS = 0.5
 # Budget below which one more candidate cap is not worth its fixed setup (greedy, repair, descent).
 _MIN_CANDIDATE_S = 0.09
+# Locality-placed copies: share of a layer's budget for placing them, and the descent passes in
+# deterministic mode (measured on DeepSeek-V2-Lite EP16/4: passes after the 6th rarely improve).
+_COPY_SHARE = 0.35
+_COPY_PASSES_DET = 6
 
 
 class SolveError(MoeplaceError):
@@ -241,9 +246,12 @@ def _solve_layer(
     base = LayerInstance.from_trace(train, l) if base is None else base  # patterns: reusable per layer
     load = base.expert_load()
     copies = None
-    if opt.redundant_per_rank:
+    if opt.redundant_per_rank and (opt.copy_placement == "balance" or load.max() > opt.max_imbalance * load.sum() / R):
         # Decide the copy counts first and balance the primaries on their per-copy share: the
         # extra copies then fill the lightest ranks (Step 3) instead of fighting a hot primary.
+        # Locality mode does this only when one expert alone breaks the cap (Llama-4): otherwise
+        # its primaries are balanced on their full load and the copies, chosen for locality,
+        # keep the cap by themselves (measured better on DeepSeek-V2-Lite EP16/4).
         copies = copy_counts(load, R * opt.redundant_per_rank, R)
     bal = load if copies is None else load / copies
     _check_balance(load, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
@@ -266,12 +274,25 @@ def _solve_layer(
         fold_loads = _fold_loads(train, l, opt.balance_folds) / (1 if copies is None else copies)
         fold_caps = fold_loads.sum(axis=1, keepdims=True) * (sizes / E)[None, :] * opt.max_imbalance
     risk = _risk(train, l, opt, copies, q)
+    everywhere = np.zeros(0, dtype=np.int64)
+    if opt.redundant_per_rank and opt.copy_placement == "locality" and pweight is None:
+        # Experts the copies will put on every node cost no sends: solve the partition without them.
+        everywhere = everywhere_set(load, topology, opt.redundant_per_rank)
+    if everywhere.size:
+        inst, start, w, cap, lin, bal_s, fold_loads, fold_caps, risk_s, group = _with_phantoms(
+            inst, everywhere, start, w, cap, lin, bal, fold_loads, fold_caps, risk
+        )
+    else:
+        bal_s, risk_s, group = bal, risk, None
     search = SwapSearch(
-        inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal, fold_loads=fold_loads, fold_caps=fold_caps, risk=risk
+        inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal_s, fold_loads=fold_loads, fold_caps=fold_caps,
+        risk=risk_s, unit_group=group,
     )
-    # A quarter of the layer's budget (at most 3 s) is kept for the lower bound.
+    # A quarter of the layer's budget (at most 3 s) is kept for the lower bound, and with
+    # locality-placed copies a share for placing them (the node partition is their start).
     bound_time = min(3.0, 0.25 * budget) if with_bound else 0.0
-    deadline = time.monotonic() + budget - bound_time
+    copy_time = _COPY_SHARE * budget if opt.redundant_per_rank and opt.copy_placement == "locality" else 0.0
+    deadline = time.monotonic() + budget - bound_time - copy_time
     det = opt.deterministic
     search.repair(np.inf if det else deadline)
     search.descend(np.inf if det else deadline)
@@ -281,9 +302,17 @@ def _solve_layer(
     calls, improved, status = _improve(search, topology.num_nodes, opt, budget, deadline, rng)
     if pweight is not None:
         _align_nodes(search, g, cap)
-    node_assign = search.a
-    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, bal, opt, risk)
-    if opt.redundant_per_rank:
+    node_assign = search.a[:E]  # without phantoms
+    objective = search.cost()
+    rank_bal = bal
+    if everywhere.size:
+        inst = base
+        rank_bal = bal.copy()
+        rank_bal[everywhere] /= topology.num_nodes  # the node's copy serves its own origins only
+    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, rank_bal, opt, risk)
+    if opt.redundant_per_rank and opt.copy_placement == "locality":
+        layout, rank_imb, objective = _locality_copies(train, l, layout, topology, opt, copy_time, everywhere, q)
+    elif opt.redundant_per_rank:
         layout = _with_replicas(layout, load, topology, opt.redundant_per_rank, copies, int(train.layer_ids[l]))
         layout = rebalance(layout, load, topology)
         holds = np.zeros((R, E))
@@ -296,8 +325,8 @@ def _solve_layer(
         bound = float(inst.counts.sum() * w.min()) if lin is None else 0.0
     return LayerResult(
         layout=layout,
-        objective=search.cost(),
-        bound=min(bound, search.cost()),
+        objective=objective,
+        bound=min(bound, objective),
         start_objective=start_obj,
         cpsat_calls=calls,
         cpsat_improvements=improved,
@@ -305,6 +334,76 @@ def _solve_layer(
         node_overflow=search.overflow(),
         rank_imbalance=rank_imb,
     )
+
+
+def _with_phantoms(inst, drop, start, w, cap, lin, bal, fold_loads, fold_caps, risk):
+    """The node search's inputs with the experts `drop` projected out of the cost
+    (`replicas.project_out`): K phantom experts pinned on an extra unit of weight 0 and no cap,
+    in a swap group of its own. The dropped experts keep their slots and load (their copies
+    will split it over the nodes: load / N each)."""
+    E, K = inst.num_experts, inst.top_k
+    N = len(w)
+    pad = lambda x, v=0.0: np.concatenate([x, np.full((K,) + x.shape[1:], v)])  # noqa: E731
+    # Every node will hold one instance of each dropped expert and serve its own origins' pairs:
+    # load_e * g_n / R per node, a constant taken off the node caps; in the partition they are
+    # free filler (load 0).
+    bal = bal.copy()
+    cap = cap - cap / cap.sum() * bal[drop].sum()
+    bal[drop] = 0.0
+    out_lin = None if lin is None else np.concatenate([pad(lin), np.zeros((E + K, 1))], axis=1)
+    if fold_loads is not None:
+        fold_loads = np.concatenate([fold_loads, np.zeros((fold_loads.shape[0], K))], axis=1)
+        fold_caps = np.concatenate([fold_caps, np.full((fold_caps.shape[0], 1), np.inf)], axis=1)
+    if risk is not None:
+        risk = np.pad(risk, ((0, K), (0, K)))
+    return (
+        project_out(inst, drop),
+        np.concatenate([np.asarray(start, dtype=np.int64), np.full(K, N)]),
+        np.concatenate([w, [0.0]]),
+        np.concatenate([cap, [np.inf]]),
+        out_lin,
+        pad(bal),
+        fold_loads,
+        fold_caps,
+        risk,
+        np.concatenate([np.zeros(N, dtype=np.int64), [1]]),
+    )
+
+
+def _locality_copies(
+    train: Trace,
+    l: int,
+    layout: np.ndarray,
+    topology: Topology,
+    opt: SolveOptions,
+    seconds: float,
+    everywhere: np.ndarray,
+    q: np.ndarray | None,
+) -> tuple[np.ndarray, float, float]:
+    """Step 3, locality mode (`replicas.place_copies`): (layout with copies, train rank imbalance
+    under the replica rule, train node cost with copies). Deterministic mode bounds the search by
+    passes, not the clock."""
+    layer = int(train.layer_ids[l])
+    try:
+        res = place_copies(
+            layout,
+            train.topk_ids[:, l, :],
+            topology,
+            train.num_experts,
+            opt.redundant_per_rank,
+            opt.max_imbalance,
+            deadline=np.inf if opt.deterministic else time.monotonic() + seconds,
+            max_passes=_COPY_PASSES_DET if opt.deterministic else 50,
+            everywhere=everywhere,
+            # --balance-risk k: the copies keep k held-out standard deviations under the cap too
+            # (the whole expert's risk: the rule's shares are folded in by place_copies).
+            risk=_risk(train, l, opt, None, q),
+        )
+    except CopyPlacementError as e:
+        raise SolveError(f"layer {layer}: {e}") from None
+    if res.overflow > 0:
+        warnings.warn(f"layer {layer}: copies could not bring every rank under --max-imbalance on train", stacklevel=3)
+    return res.layout, res.rank_imbalance, res.node_cost
 
 
 def _with_replicas(layout, load, topology: Topology, n: int, copies: np.ndarray, layer: int) -> np.ndarray:
