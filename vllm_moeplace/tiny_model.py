@@ -179,6 +179,8 @@ def _hf_config(spec: TinyModelSpec):
         return transformers.MiniMaxM2Config(
             **common, intermediate_size=spec.moe_intermediate_size, num_local_experts=spec.num_experts,
             num_experts_per_tok=spec.top_k, head_dim=head_dim, rotary_dim=head_dim, use_qk_norm=True,
+            # fields of MiniMax-M2's released config.json that transformers' class does not declare
+            scoring_func="sigmoid", use_routing_bias=True,
         )
     # deepseek_v2/v3: MLA attention with the only latent width the CPU backend supports; MLA has
     # one KV head per query head.

@@ -1,0 +1,66 @@
+"""Architectures served by the mapping mechanism only (serving/arch.py, `permute=False`): on the
+real vLLM (CPU, TP2 + EP, float32) a random permutation plan gives the default layout's greedy
+tokens, and every rank's slots hold the planned checkpoint experts.
+
+The default test run covers GLM-4.5 (sigmoid + score bias, shared experts, dense first layer);
+`MOEPLACE_ALL_ARCHS=1` runs every one (two engine starts each, ~3 min per architecture here):
+the results of such a run are recorded in docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_moeplace.cli.random_plan import random_plan
+from vllm_moeplace.serving.worker_ext import checkpoint_fingerprints
+
+pytestmark = pytest.mark.vllm
+
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+GATE_UP = ("gate_proj.weight", "up_proj.weight")
+ARCHS = {
+    # arch: (tiny-model spec, checkpoint block, gate/up names, down name)
+    "glm4_moe": (dict(num_layers=3, first_dense_layers=1), "mlp", GATE_UP, "down_proj.weight"),
+    "olmoe": (dict(num_layers=2), "mlp", GATE_UP, "down_proj.weight"),
+    "ernie45_moe": (dict(num_layers=3, first_dense_layers=1), "mlp", GATE_UP, "down_proj.weight"),
+    "minimax_m2": (dict(num_layers=2), "block_sparse_moe", ("w1.weight", "w3.weight"), "w2.weight"),
+}
+DEFAULT = ("glm4_moe",)
+SELECTED = list(ARCHS) if os.environ.get("MOEPLACE_ALL_ARCHS") == "1" else list(DEFAULT)
+
+
+def probe(tmp: Path, name: str, model: Path, *flags: str) -> dict:
+    out = tmp / f"{name}.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MOEPLACE_")}
+    cmd = [sys.executable, "-m", "vllm_moeplace.serving.probe", "--model", str(model), "--out", str(out), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, **ENV})
+    assert r.returncode == 0, f"{name} failed:\n{r.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("arch", SELECTED)
+def test_mapped_architecture_tokens_and_placement(arch, tiny_model_factory, tmp_path):
+    spec, block, gate_up, down = ARCHS[arch]
+    model = tiny_model_factory(arch=arch, **spec)
+    plan = random_plan(model, ep_size=2, seed=1)
+    plan.save(tmp_path / "plan.json")
+    default = probe(tmp_path, "default", model, "--tp", "2", "--cpu-ep-fix")
+    planned = probe(tmp_path, "plan", model, "--tp", "2", "--plan", str(tmp_path / "plan.json"))
+    assert planned["token_ids"] == default["token_ids"]
+    fps = checkpoint_fingerprints(str(model), block, gate_up, down)
+    assert len({json.dumps(v) for v in fps.values()}) == len(fps)  # fingerprints identify experts
+    ranks = {r["ep_rank"]: r for r in planned["ranks"]}
+    moved = 0
+    for layer, per_rank in plan.layers.items():
+        for r, experts in enumerate(per_rank.tolist()):
+            held = ranks[r]["layers"][str(layer)]
+            for s, e in enumerate(experts):
+                assert held["w13"][s] == fps[(layer, e)]["w13"] and held["w2"][s] == fps[(layer, e)]["w2"], (layer, r, s, e)
+                moved += e != r * len(experts) + s
+    assert moved > 0
