@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--risk-scale", type=float, default=None,
         help="variance factor on the load-noise model (default: measured on the train requests; 1 = raw model)",
     )
+    p.add_argument(
+        "--preserve-groups", type=int, nargs="?", const=-1, default=0, metavar="N",
+        help="group-preserving mode for grouped top-k models: every expert stays in the physical slots of its own "
+        "id group (N groups of E/N); without N, read n_group from --model DIR/config.json",
+    )
+    p.add_argument("--model", default=None, help="model folder (or its config.json); read for n_group by --preserve-groups")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="same output for the same seed, regardless of load")
     p.add_argument("--model-name", default=None)
@@ -49,6 +55,32 @@ def _topology(args: argparse.Namespace) -> Topology:
     if args.ep_size <= 0:
         raise MoeplaceError(f"--ep-size {args.ep_size}: must be positive")
     return resolve_topology(args.ep_size, ranks_per_node=args.ranks_per_node, path=args.topology)
+
+
+def model_n_group(path: str) -> int:
+    """n_group from a Hugging Face model folder's config.json (or the file itself)."""
+    import json
+    from pathlib import Path
+
+    f = Path(path)
+    if f.is_dir():
+        f = f / "config.json"
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise MoeplaceError(f"--model {path}: cannot read {f}: {e}") from None
+    n = cfg.get("n_group", (cfg.get("text_config") or {}).get("n_group"))
+    if not isinstance(n, int) or n < 1:
+        raise MoeplaceError(f"--model {path}: {f} has no positive integer n_group (got {n!r}); pass --preserve-groups N")
+    return n
+
+
+def _preserve_groups(args: argparse.Namespace) -> int:
+    if args.preserve_groups == -1:
+        if not args.model:
+            raise MoeplaceError("--preserve-groups without N needs --model DIR to read n_group from its config.json")
+        return model_n_group(args.model)
+    return args.preserve_groups
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             risk_scale=args.risk_scale,
             balance_confidence=args.balance_confidence,
             deterministic=args.deterministic,
+            preserve_groups=_preserve_groups(args),
         )
     except ValidationError as e:
         err = e.errors()[0]

@@ -39,6 +39,7 @@ class SwapSearch:
         fold_loads: np.ndarray | None = None,
         fold_caps: np.ndarray | None = None,
         risk: np.ndarray | None = None,
+        expert_class: np.ndarray | None = None,
     ):
         self.inst = inst
         self.U = len(unit_weight)
@@ -67,6 +68,9 @@ class SwapSearch:
         self.swaps = 0
         # Swaps only between units of the same group (ranks of one node at the rank level).
         self.group = np.zeros(self.U, dtype=np.int64) if unit_group is None else np.asarray(unit_group)
+        # Swaps only between experts of the same class (expert groups in --preserve-groups mode:
+        # a same-group swap keeps every unit's per-group slot count).
+        self.eclass = np.zeros(len(self.a), dtype=np.int64) if expert_class is None else np.asarray(expert_class, dtype=np.int64)
 
     # ---- cost ----------------------------------------------------------------------------------
     def cost(self) -> float:
@@ -206,7 +210,7 @@ class SwapSearch:
                 over_now = over_now + np.maximum(fu[ua] - fc[ua], 0) + np.maximum(fu[ub] - fc[ub], 0)
                 over_new = over_new + np.maximum(fu[ua] + fdl - fc[ua], 0) + np.maximum(fu[ub] - fdl - fc[ub], 0)
             gain = over_now - over_new
-            gain[(ua == ub) | (self.group[ua] != self.group[ub])] = -np.inf
+            gain[(ua == ub) | (self.group[ua] != self.group[ub]) | (self.eclass[:, None] != self.eclass[None, :])] = -np.inf
             best = gain.max()
             if best <= _EPS:
                 return
@@ -225,7 +229,7 @@ class SwapSearch:
             d = self.move_deltas()
             approx = d[idx[:, None], self.a[None, :]] + d[idx[None, :], self.a[:, None]]  # d[e,a_f] + d[f,a_e]
             ga = self.group[self.a]
-            approx[(self.a[:, None] == self.a[None, :]) | (ga[:, None] != ga[None, :])] = np.inf
+            approx[(self.a[:, None] == self.a[None, :]) | (ga[:, None] != ga[None, :]) | (self.eclass[:, None] != self.eclass[None, :])] = np.inf
             approx[np.tril_indices(E)] = np.inf
             flat = np.flatnonzero(approx < -_EPS)
             if not flat.size:

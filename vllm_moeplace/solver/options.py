@@ -36,6 +36,12 @@ class SolveOptions(BaseModel):
     under the replica rule, within the rank load cap (`solver.replicas`), and every slot then
     re-optimised; balance = the earlier rule (EPLB-style copy counts, copies on the lightest ranks,
     `cpsat_redundancy`), kept for comparison."""
+    preserve_groups: int = Field(default=0, ge=0)
+    """> 0: group-preserving mode for grouped top-k models (DeepSeek-V3/R1 n_group): the experts
+    form this many contiguous id groups of E / n experts, and expert e may only sit in physical
+    slots p = r * S + s of its own group (p // (E/n) == e // (E/n)), so upstream's node-limited
+    group routing stays intact. No redundant copies in this mode (the extra slots p >= E belong
+    to no group). 0: placed freely."""
     time_limit: float = Field(default=60.0, gt=0.0)
     """Total wall-clock budget of the search, split evenly over the layers."""
     train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -219,6 +219,16 @@ def check_instance(E: int, topology: Topology, options: SolveOptions) -> None:
             "--balance-target expected supports neither --redundant-per-rank nor --inter-layer-weight yet "
             f"(got {options.redundant_per_rank} and {options.inter_layer_weight}); use --balance-target train"
         )
+    if options.preserve_groups:
+        n = options.preserve_groups
+        if E % n:
+            raise SolveError(f"--preserve-groups {n} does not divide num_experts {E} into equal contiguous groups")
+        if options.redundant_per_rank and n > 1:
+            raise SolveError(
+                f"--preserve-groups {n} with --redundant-per-rank {options.redundant_per_rank}: in group-preserving mode "
+                f"physical slot p holds group p // {E // n}, and the extra slots p >= {E} belong to no group; "
+                "drop --preserve-groups (the server serves cross-group plans) or the copies"
+            )
     if E % R:
         raise SolveError(
             f"ep_size {R} does not divide num_experts {E} + redundant slots {R * options.redundant_per_rank} "
@@ -267,6 +277,15 @@ def _solve_layer(
         w = w * 1e-3
         pweight = None if pweight is None else pweight * 1e-3
     cap = sizes / E * bal.sum() * opt.max_imbalance
+    eclass = None
+    if opt.preserve_groups > 1:  # n_group 1: one group holding every expert, no restriction
+        # Group-preserving mode: start from vLLM's linear layout (every expert in its own group's
+        # slots) and only swap experts of the same group (keeps each node's per-group slot count).
+        # CP-SAT neighbourhoods do not know the groups: local search and kicks only.
+        eclass = np.arange(E) // (E // opt.preserve_groups)
+        opt = opt.model_copy(update={"lns_fraction": 0.0})
+        if warm is None:
+            warm = topology.node_of_rank[np.arange(E) // s]
     # warm: a node assignment [E] to continue from (the second pass of --balance-target expected)
     start = grow_groups(stats.coactivation(train, l), bal, sizes, cap) if warm is None else warm
     fold_loads = fold_caps = None
@@ -286,7 +305,7 @@ def _solve_layer(
         bal_s, risk_s, group = bal, risk, None
     search = SwapSearch(
         inst, start, w, cap, linear=lin, pattern_weight=pweight, load=bal_s, fold_loads=fold_loads, fold_caps=fold_caps,
-        risk=risk_s, unit_group=group,
+        risk=risk_s, unit_group=group, expert_class=eclass,
     )
     # A quarter of the layer's budget (at most 3 s) is kept for the lower bound, and with
     # locality-placed copies a share for placing them (the node partition is their start).
@@ -309,7 +328,7 @@ def _solve_layer(
         inst = base
         rank_bal = bal.copy()
         rank_bal[everywhere] /= topology.num_nodes  # the node's copy serves its own origins only
-    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, rank_bal, opt, risk)
+    layout, rank_imb = _place_ranks(inst, node_assign, topology, s, rank_bal, opt, risk, eclass)
     if opt.redundant_per_rank and opt.copy_placement == "locality":
         layout, rank_imb, objective = _locality_copies(train, l, layout, topology, opt, copy_time, everywhere, q)
     elif opt.redundant_per_rank:
@@ -660,7 +679,7 @@ def _kick(search: SwapSearch, rng: np.random.Generator, swaps: int) -> None:
     for _ in range(swaps):
         for _try in range(20):
             e, f = (int(x) for x in rng.integers(0, E, 2))
-            if search.a[e] != search.a[f] and search.group[search.a[e]] == search.group[search.a[f]]:
+            if search.a[e] != search.a[f] and search.group[search.a[e]] == search.group[search.a[f]] and search.eclass[e] == search.eclass[f]:
                 search.apply_swap(e, f)
                 break
 
@@ -679,26 +698,55 @@ def _place_ranks(
     load: np.ndarray,
     opt: SolveOptions,
     risk: np.ndarray | None = None,
+    eclass: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Step 2: experts of each node onto its ranks; returns (layout [R, s], train rank imbalance)."""
+    """Step 2: experts of each node onto its ranks; returns (layout [R, s], train rank imbalance).
+    eclass (group-preserving mode): expert groups; every rank then gets exactly as many experts of
+    each group as its slots p = r * s + j belong to, in slot order."""
     R = topology.ep_size
     layout = np.zeros((R, s), dtype=np.int64)
     for n, ranks in enumerate(topology.nodes):
-        layout[ranks] = lpt_partition(np.flatnonzero(node_assign == n), load, len(ranks), s)
+        if eclass is None:
+            layout[ranks] = lpt_partition(np.flatnonzero(node_assign == n), load, len(ranks), s)
+        else:
+            layout[ranks] = _grouped_lpt(np.flatnonzero(node_assign == n), np.asarray(ranks), load, s, eclass)
     if max(len(r) for r in topology.nodes) > 1:
         rank_of = np.empty(len(load), dtype=np.int64)
         for r in range(R):
             rank_of[layout[r]] = r
         cap = np.full(R, load.sum() / R * opt.max_imbalance)
         rw = np.full(R, float(R - 1)) if opt.objective == "rank_sends" else np.zeros(R)
-        search = SwapSearch(inst, rank_of, rw, cap, unit_group=topology.node_of_rank, load=load, risk=risk)
+        search = SwapSearch(inst, rank_of, rw, cap, unit_group=topology.node_of_rank, load=load, risk=risk, expert_class=eclass)
         search.repair(time.monotonic() + 5.0)
         if opt.objective == "rank_sends":
             search.descend(time.monotonic() + 5.0)
         for r in range(R):
-            layout[r] = np.flatnonzero(search.a == r)
+            on = np.flatnonzero(search.a == r)
+            # slot order = group order: slot j of rank r belongs to group (r*s + j) // group size
+            layout[r] = on if eclass is None else on[np.argsort(eclass[on], kind="stable")]
     rank_load = load[layout].sum(axis=1)
     return layout, float(rank_load.max() / rank_load.mean())
+
+
+def _grouped_lpt(experts: np.ndarray, ranks: np.ndarray, load: np.ndarray, s: int, eclass: np.ndarray) -> np.ndarray:
+    """int [len(ranks), s]: a node's experts on its ranks, each rank taking exactly its slots' share
+    of every group (quota), heaviest expert first onto the lightest rank with quota left; rows in
+    slot order (groups ascending, as the slots' groups are)."""
+    size = len(eclass) // (int(eclass.max()) + 1)
+    quota = {}
+    for i, r in enumerate(ranks.tolist()):
+        for j in range(s):
+            q = (r * s + j) // size
+            quota[(i, q)] = quota.get((i, q), 0) + 1
+    rows: list[list[int]] = [[] for _ in ranks]
+    rl = np.zeros(len(ranks))
+    for e in experts[np.argsort(-load[experts], kind="stable")].tolist():
+        q = int(eclass[e])
+        i = min((i for i in range(len(ranks)) if quota.get((i, q), 0) > 0), key=lambda i: (rl[i], i))
+        quota[(i, q)] -= 1
+        rows[i].append(e)
+        rl[i] += load[e]
+    return np.array([sorted(r, key=lambda e: (eclass[e], e)) for r in rows], dtype=np.int64)
 
 
 def _check_balance(load: np.ndarray, R: int, bound: float, layer: int, redundant: int) -> None:
