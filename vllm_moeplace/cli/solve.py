@@ -20,7 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default="node_sends", choices=["node_sends", "rank_sends", "hop_cost"])
     p.add_argument("--inter-layer-weight", type=float, default=0.0)
     p.add_argument("--max-imbalance", type=float, default=1.05, help="train max/mean load bound (default 1.05)")
-    p.add_argument("--redundant-per-rank", type=int, default=0)
+    p.add_argument("--redundant-per-rank", type=int, default=0, help="extra slots per rank for expert copies")
+    p.add_argument(
+        "--copy-placement", default="locality", choices=["locality", "balance"],
+        help="locality (default): copies by exact train node_sends savings under the replica rule, within the load cap; "
+        "balance: the earlier EPLB-style placement",
+    )
     p.add_argument("--time-limit", type=float, default=60.0, help="total seconds (default 60)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="plan from this share of requests; rest held out")
     p.add_argument("--balance-folds", type=int, default=1, help="also bound the load of each of this many request folds")
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             inter_layer_weight=args.inter_layer_weight,
             max_imbalance=args.max_imbalance,
             redundant_per_rank=args.redundant_per_rank,
+            copy_placement=args.copy_placement,
             time_limit=args.time_limit,
             train_fraction=args.train_fraction,
             seed=args.seed,
