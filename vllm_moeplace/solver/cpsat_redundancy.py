@@ -1,8 +1,8 @@
-"""Redundant copies (`--redundant-per-rank N`): which experts get extra copies, and where.
+"""Redundant copies placed for balance only (`--copy-placement balance`, the earlier default).
 
-Evaluation rules (from the issue): a replicated expert's pairs split evenly among its copies for
-load; for dispatch an origin rank uses a copy on itself, else on its node, else the lowest-numbered
-rank holding it.
+The default placement is `solver/replicas.py` (locality under the replica rule). This one is kept
+for comparison; its internal model splits a replicated expert's pairs evenly among its copies,
+while plans are scored (and served) with the replica rule of `vllm_moeplace/replica.py`.
 
 Step 1: copy counts: repeatedly give one more copy to the expert with the largest load per copy
         (as EPLB does: this minimises the largest single item to pack).

@@ -12,7 +12,10 @@ Step 1  expert -> node. node_sends depends only on node membership, so this is a
         search kicks (a few random swaps, repair, descent); only strict improvements are kept.
 Step 2  expert -> rank inside each node: longest-processing-time, then swaps inside the node down
         to the rank load cap (and, for --objective rank_sends, fewer distinct ranks per token).
-Step 3  redundant copies, if asked (`cpsat_redundancy`).
+Step 3  redundant copies, if asked: by default for locality under the replica rule
+        (`replicas`: the hottest experts replicated on every node and projected out of Step 1,
+        then exact-delta greedy and all-slot descent within the rank cap); `--copy-placement
+        balance` keeps the earlier balance-only placement (`cpsat_redundancy`).
 Bound   per layer max(one node per pattern, star bound, Frank-Wolfe bound of the consistent-
         companion relaxation; `cpsat_bound`) for node_sends; the gap in the plan is
         (objective - bound) / objective over all layers.
@@ -106,7 +109,8 @@ def solve(
         # per-layer work (patterns, bound, ranks) so the whole solve stays inside --time-limit.
         left = t0 + 0.92 * options.time_limit - time.monotonic()
         per_layer = options.time_limit / L if options.deterministic else max(0.05, left / (L - l))
-        q = _layer_q(train, l, options) if not options.redundant_per_rank or options.balance_risk > 0 or options.copy_placement == "locality" else None
+        need_q = not options.redundant_per_rank or options.balance_risk > 0 or options.copy_placement == "locality"
+        q = _layer_q(train, l, options) if need_q else None
         layer_q.append(q)
         if options.balance_target == "expected":
             noises.append(_noise(train, l, options, q))
@@ -177,7 +181,11 @@ def solve(
         # OPTIMAL only when the bound closes the gap of the whole decision; copies are placed
         # heuristically after the bounded node partition.
         "status": "OPTIMAL" if gap <= 1e-9 and not options.redundant_per_rank else "FEASIBLE",
-        "bound_scope": "node-level objective of the primary copies (train)",
+        "bound_scope": (
+            "none: locality-placed copies (objective = train node-level cost with copies under the replica rule)"
+            if options.redundant_per_rank and options.copy_placement == "locality"
+            else "node-level objective of the primary copies (train)"
+        ),
         "warm_start_objective": sum(r.start_objective for r in results) / denom,
         "cpsat_calls": calls,
         "cpsat_improvements": sum(r.cpsat_improvements for r in results),
@@ -314,7 +322,9 @@ def _solve_layer(
     )
     # A quarter of the layer's budget (at most 3 s) is kept for the lower bound, and with
     # locality-placed copies a share for placing them (the node partition is their start).
-    bound_time = min(3.0, 0.25 * budget) if with_bound else 0.0
+    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality"
+    # (no partition bound with locality copies: it would not bound the objective with copies)
+    bound_time = min(3.0, 0.25 * budget) if with_bound and not locality_copies else 0.0
     copy_time = _COPY_SHARE * budget if opt.redundant_per_rank and opt.copy_placement == "locality" else 0.0
     deadline = time.monotonic() + budget - bound_time - copy_time
     det = opt.deterministic
@@ -351,7 +361,9 @@ def _solve_layer(
         holds[np.repeat(np.arange(R), layout.shape[1]), layout.ravel()] = 1
         rl = holds @ (load / holds.sum(axis=0))
         rank_imb = float(rl.max() / rl.mean())
-    if opt.objective == "node_sends" and prev_nodes is None and with_bound:
+    if opt.redundant_per_rank and opt.copy_placement == "locality":
+        bound = 0.0  # the partition bounds below are for primaries only; copies go below them
+    elif opt.objective == "node_sends" and prev_nodes is None and with_bound:
         bound = _node_bound(inst, sizes, node_assign, w, det, bound_time)
     else:
         bound = float(inst.counts.sum() * w.min()) if lin is None else 0.0
