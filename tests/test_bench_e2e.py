@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from _builders import solver_plan
 from vllm_moeplace.bench.serve_bench import run_benchmark
 from vllm_moeplace.cli.random_plan import random_plan
 from vllm_moeplace.plan import Plan, Topology, linear_layout
@@ -21,7 +22,8 @@ def test_bench_default_vs_plan(tiny_model_factory, tmp_path):
     plan = random_plan(model, ep_size=2, seed=3, ranks_per_node=1)
     plan_path = tmp_path / "plan.json"
     plan.save(plan_path)
-    copies = random_plan(model, ep_size=2, seed=4, ranks_per_node=1, redundant_per_rank=2)
+    copies = solver_plan(model, 2)  # `moeplace solve --redundant-per-rank 2` for EP2 over two nodes
+    assert copies.has_redundancy() and copies.slots_per_rank() == 6
     copies_path = tmp_path / "copies.json"
     copies.save(copies_path)
     prompts = ["def f(x): return x * 2", "The mitochondria is", "Hello! How are you", "Solve 3x + 7 = 22"] * 2
@@ -53,6 +55,17 @@ def test_bench_default_vs_plan(tiny_model_factory, tmp_path):
     lin = Plan(model_name="m", num_experts=8, moe_layers=plan.moe_layers, ep_size=2, topology=Topology.uniform(2, 1),
                layers={l: linear_layout(8, 2) for l in plan.moe_layers})
     assert evaluate_plan(lin, t_plan).imbalance == pytest.approx(default["traffic"]["imbalance"], rel=1e-9)
+    # `vllm serve` (torch.compile on) logged one placement line per EP rank with the plan's hash
+    # and mechanism (what deploy/check_applied.sh verifies)
+    import hashlib
+    import re
+
+    for name, path, mech in (("plan0:plan", plan_path, "permute"), ("plan1:copies", copies_path, "map")):
+        log = (tmp_path / "bench" / f"server-{name}.log").read_text()
+        placed = [ln for ln in log.splitlines() if "vllm-moeplace: placed experts of 2 layers" in ln]
+        assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"], name
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        assert all(f"sha256={sha}" in ln and f"(mechanism {mech}," in ln for ln in placed), name
     report = (tmp_path / "bench" / "serving_report.md").read_text()
     assert "| default |" in report and "| plan0:plan |" in report and "| plan1:copies |" in report
     assert "origin-node-spread/v1" in report

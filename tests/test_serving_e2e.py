@@ -3,9 +3,11 @@ DeepSeek-V2 with a dense first layer + shared experts, a DeepSeek-V3-style model
 top-k): a permuted plan gives the same greedy tokens as vLLM's default layout (offline API), every
 rank holds exactly the experts the plan assigns it, the CPU EP kernel fix makes the default layout
 match TP1, and without a plan the plugin changes nothing. The mapping mechanism: solver plans with
-1 and 2 redundant copies per rank (Qwen3-MoE; offline and `vllm serve` + HTTP with torch.compile)
-and a plan that moves experts across DeepSeek-V3's expert groups give the default layout's tokens,
-and every slot, copies included, holds the planned expert. Engines are shared across assertions.
+1 and 2 redundant copies per rank (Qwen3-MoE) and a plan that moves experts across DeepSeek-V3's
+expert groups give the default layout's tokens, and every slot, copies included, holds the
+planned expert. `vllm serve` + HTTP with torch.compile on is covered by tests/test_bench_e2e.py
+(default, permutation and solver copies plans on one workload). Engines are shared across
+assertions.
 
 Run the suite under the shared lock on a shared box: `flock /tmp/moeplace-heavy.lock pytest ...`.
 """
@@ -21,16 +23,13 @@ from pathlib import Path
 
 import pytest
 
-import numpy as np
 
 from vllm_moeplace.bench.server import VllmServer
 from vllm_moeplace.cli.random_plan import random_plan
-from vllm_moeplace.plan import Topology
-from vllm_moeplace.solver.options import SolveOptions
-from vllm_moeplace.solver.pipeline import solve
-from vllm_moeplace.trace import Trace
 from vllm_moeplace.serving.probe import DEFAULT_PROMPTS
 from vllm_moeplace.serving.worker_ext import checkpoint_fingerprints
+
+from _builders import solver_plan
 
 pytestmark = pytest.mark.vllm
 
@@ -58,23 +57,6 @@ MODELS = {
 }
 
 
-def solver_plan(model: Path, redundant: int, seed: int = 0):
-    """A plan from `moeplace solve` for EP2 (two single-rank nodes) on a skewed synthetic trace of
-    the model's MoE layers: the copies go where the solver puts them, not where a test wants."""
-    from vllm_moeplace.cli.random_plan import model_moe_info
-
-    _, E, layers = model_moe_info(model)
-    rng = np.random.default_rng(seed)
-    T, K = 800, 2
-    pop = 1.0 / np.arange(1, E + 1) ** 1.2
-    ids = np.stack([[rng.choice(E, K, replace=False, p=rng.permutation(pop) / pop.sum()) for _ in layers] for _ in range(T)])
-    trace = Trace(topk_ids=ids.astype(np.int16), layer_ids=np.array(layers, np.int32),
-                  request_ids=np.repeat(np.arange(T // 20), 20).astype(np.int32), is_prefill=np.ones(T, bool),
-                  num_experts=E, meta={"model": "tiny"})
-    opt = SolveOptions(redundant_per_rank=redundant, deterministic=True, time_limit=2.0, max_imbalance=1.3)
-    return solve(trace, Topology.uniform(2, 1), opt, model_name=str(model))
-
-
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_MOEPLACE_", "MOEPLACE_RUNTIME"))}
     return {**env, **ENV, **extra}
@@ -94,7 +76,6 @@ class Setup:
         self.plan = json.loads(plan_path.read_text())
         self.runs: dict[str, dict] = {}
         self.copies: dict[int, dict] = {}  # redundant copies per rank -> solver plan (JSON)
-        self.copy_plan_path: Path | None = None
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -118,7 +99,6 @@ def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
             s.copies[n] = json.loads((tmp / f"plan_r{n}.json").read_text())
         for n in (1, 2):
             s.runs[f"plan_r{n}_tp2"] = probe(tmp, f"plan_r{n}_tp2", model, "--tp", "2", "--plan", str(tmp / f"plan_r{n}.json"))
-        s.copy_plan_path = tmp / "plan_r2.json"
         s.runs["tp1"] = probe(tmp, "tp1", model, "--tp", "1")
         # vLLM without our plugin: the allowlist names only a built-in plugin.
         s.runs["tp1_noplugin"] = probe(tmp, "tp1_noplugin", model, "--tp", "1", VLLM_PLUGINS="lora_filesystem_resolver")
@@ -196,11 +176,13 @@ def test_cross_group_plan_on_grouped_topk(setup):
     assert cross_group_slot(parse_plan(setup.plan), 4) is not None  # really crosses groups
     plan_run, default_run = setup.runs["plan_tp2"], setup.runs["default_tp2"]
     assert plan_run["token_ids"] == default_run["token_ids"]
-    # and the same numbers, not only the same argmax (CPU MLA differs run to run by ~1e-6 here)
+    # and close numbers, not only the same argmax. vLLM's CPU MLA attention is not bit-reproducible
+    # run to run (../shared notes); with this model's decisive logits (|logprob| up to ~20) two
+    # runs were seen 0.013 apart, while one misrouted (token, layer) moves a logprob by O(1).
     diffs = [abs(a[str(t)] - b[str(t)])
              for pa, pb, toks in zip(plan_run["logprobs"], default_run["logprobs"], default_run["token_ids"])
              for a, b, t in zip(pa, pb, toks)]
-    assert len(diffs) == sum(len(t) for t in default_run["token_ids"]) and max(diffs) < 1e-3
+    assert len(diffs) == sum(len(t) for t in default_run["token_ids"]) and max(diffs) < 0.1
 
 
 def test_weight_reload_refused_while_serving_a_plan(setup):
@@ -251,27 +233,3 @@ def test_without_flag_vllm_behaves_as_without_plugin(setup):
         pytest.skip("run for qwen3_moe only")
     assert setup.runs["tp1"]["token_ids"] == setup.runs["tp1_noplugin"]["token_ids"]
     assert setup.runs["tp1_noplugin"]["ranks"][0]["layers"] == setup.runs["tp1"]["ranks"][0]["layers"]
-
-
-# ------------------------------------------------------------------------------ vllm serve + HTTP
-def test_vllm_serve_with_plan_over_http(setup, tmp_path):
-    """Real `vllm serve` (torch.compile ON) with the solver's plan with 2 redundant copies per rank
-    (the mapping mechanism, traced by torch.compile); greedy tokens equal the default layout's."""
-    if setup.arch != "qwen3_moe":
-        pytest.skip("one architecture is enough for the HTTP path")
-    args = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--dtype", "float32",
-            "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
-            "--moe-placement-plan", str(setup.copy_plan_path)]
-    with VllmServer(str(setup.model), args, log_path=tmp_path / "serve.log", startup_timeout=300) as server:
-        resp = server.post("/v1/completions", {
-            "model": str(setup.model), "prompt": DEFAULT_PROMPTS, "max_tokens": 8, "temperature": 0,
-            "return_token_ids": True,
-        })
-    ids = [c["token_ids"] for c in sorted(resp["choices"], key=lambda c: c["index"])]
-    assert ids == setup.runs["default_tp2"]["token_ids"]
-    text = (tmp_path / "serve.log").read_text()
-    assert "vllm-moeplace: placed experts of 2 layers" in text and "(mechanism map, 2 layers mapped)" in text
-    # one line per EP rank, with the plan's hash (what deploy/check_applied.sh verifies)
-    placed = [ln for ln in text.splitlines() if "vllm-moeplace: placed experts" in ln]
-    assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]
-    assert all(re.search(r"sha256=[0-9a-f]{12}\b", ln) for ln in placed)
