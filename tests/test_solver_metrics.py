@@ -163,6 +163,32 @@ def test_fast_agrees_with_reference(inst):
         assert getattr(fast, k) == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 8), st.integers(0, 2**32 - 1))
+def test_candidate_table_is_the_rule_written_per_origin(R, E, seed):
+    """replica.candidate_table (built from the per-node table) equals the rule written literally per
+    origin: own copy, else the node's copies, else all copies, each in ascending physical id."""
+    from vllm_moeplace.replica import physical_copies
+
+    rng = np.random.default_rng(seed)
+    S = int(rng.integers(-(-E // R), E + 1))
+    rows = [[] for _ in range(R)]
+    for i, e in enumerate(rng.permutation(E)):
+        rows[i % R].append(int(e))
+    rows = [(row + [int(e) for e in rng.permutation(E) if e not in row])[:S] for row in rows]
+    a = np.array(rows)
+    node_of_rank = np.unique(np.sort(rng.integers(0, R, R)), return_inverse=True)[1]
+    tab = candidate_table(a, E, node_of_rank)
+    copies = physical_copies(a, E)
+    for o in range(R):
+        for e in range(E):
+            c = copies[e]
+            own = c[c // S == o]
+            same = c[node_of_rank[c // S] == node_of_rank[o]]
+            want = own[:1] if own.size else (same if same.size else c)
+            assert tab.cand[o, e, : tab.count[o, e]].tolist() == want.tolist()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**32 - 1))
 def test_fast_agrees_with_reference_with_copies(R, S, extra, seed):
