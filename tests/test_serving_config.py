@@ -220,3 +220,14 @@ def test_return_routed_experts_refused(model, tmp_path, clean_env):
     cfg.aux_output_config.enable_return_routed_experts = True
     with pytest.raises(PlanError, match=r"cannot be served with enable_return_routed_experts: .*physical slots"):
         check_server(load_plan(path), cfg)
+
+
+def test_aiter_fused_shared_experts_refused_at_config_time(model, tmp_path, clean_env, monkeypatch):
+    """On ROCm with AITER's fused shared experts the shared experts take physical slots: refused at
+    config time (was only found after the checkpoint was read). AITER is not on this machine, so
+    its switch is forced on."""
+    from vllm._aiter_ops import rocm_aiter_ops
+
+    monkeypatch.setattr(rocm_aiter_ops, "is_fusion_moe_shared_experts_enabled", classmethod(lambda cls: True))
+    with pytest.raises(PlanError, match=r"cannot be served with ROCm AITER fused shared experts"):
+        engine_config(model, write(tmp_path, plan_json()))

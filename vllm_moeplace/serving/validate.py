@@ -167,9 +167,25 @@ def check_server(plan: Plan, vllm_config: "VllmConfig") -> MoeArch:
     for bad, what, why in refusals:
         if bad:
             raise PlanError(f"{src}: cannot be served with {what}: {why}")
+    if _aiter_fused_shared_experts():
+        # Fused shared experts occupy extra physical slots after the routed ones on ROCm AITER:
+        # refused here, at config time, instead of after the whole checkpoint was read.
+        raise PlanError(
+            f"{src}: cannot be served with ROCm AITER fused shared experts (VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS): "
+            "the shared experts take physical expert slots the plan does not describe"
+        )
     if mechanism(plan, arch, vllm_config.model_config.hf_config) == MAP:
         check_map_backend(plan, vllm_config)
     return arch
+
+
+def _aiter_fused_shared_experts() -> bool:
+    try:
+        from vllm._aiter_ops import rocm_aiter_ops
+
+        return bool(rocm_aiter_ops.is_fusion_moe_shared_experts_enabled())
+    except Exception:  # noqa: BLE001 - no AITER in this build (CPU, CUDA): not enabled
+        return False
 
 
 def _ranges(xs: list[int]) -> str:
