@@ -36,20 +36,12 @@ ARGS = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--dtype", "f
 
 
 def solver_plan(model: Path, redundant: int, out: Path) -> dict:
-    from vllm_moeplace.cli.random_plan import model_moe_info
     from vllm_moeplace.plan import Topology
     from vllm_moeplace.solver.options import SolveOptions
     from vllm_moeplace.solver.pipeline import solve
-    from vllm_moeplace.trace import Trace
+    from vllm_moeplace.tiny_model import skewed_routing_trace
 
-    _, E, layers = model_moe_info(model)
-    rng = np.random.default_rng(0)
-    T, K = 4000, 4
-    pop = 1.0 / np.arange(1, E + 1) ** 1.2
-    ids = np.stack([[rng.choice(E, K, replace=False, p=rng.permutation(pop) / pop.sum()) for _ in layers] for _ in range(T)])
-    trace = Trace(topk_ids=ids.astype(np.int16), layer_ids=np.array(layers, np.int32),
-                  request_ids=np.repeat(np.arange(T // 40), 40).astype(np.int32), is_prefill=np.ones(T, bool),
-                  num_experts=E, meta={"model": "tiny"})
+    trace = skewed_routing_trace(model, 4000, 4)
     plan = solve(trace, Topology.uniform(2, 1), SolveOptions(redundant_per_rank=redundant, deterministic=True,
                                                              time_limit=5.0, max_imbalance=1.2), model_name=str(model))
     plan.save(out)

@@ -13,12 +13,16 @@ def test_builds_loadable_moe_checkpoint(tiny_model_factory, arch):
     import torch
     import transformers
 
-    dense = 1 if arch != "mixtral" else 0
+    dense = 0 if arch in ("mixtral", "olmoe", "minimax_m2") else 1
     path = tiny_model_factory(arch=arch, num_layers=3, first_dense_layers=dense, num_experts=8, top_k=2)
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["model_type"] == arch
+    assert cfg["model_type"] == {"ernie45_moe": "ernie4_5_moe"}.get(arch, arch)
     meta = json.loads((path / "moeplace_tiny_model.json").read_text())
     assert meta["moe_layers"] == list(range(dense, 3))
+    # the serving plugin's architecture table reads the same MoE layers and expert count
+    from vllm_moeplace.cli.random_plan import model_moe_info
+
+    assert model_moe_info(path)[1:] == (8, meta["moe_layers"])
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     ids = tok("def f(x): return x", return_tensors="pt").input_ids

@@ -13,12 +13,23 @@ from vllm_moeplace.errors import MoeplaceError
 def read_json(path: str | os.PathLike, what: str, error: type[MoeplaceError]) -> Any:
     """Parsed JSON of `path`; an unreadable or malformed file raises `error` naming the file
     (and, for bad JSON, the line and column)."""
-    src = str(path)
+    return parse_json_bytes(read_bytes(path, what, error), str(path), what, error)
+
+
+def read_bytes(path: str | os.PathLike, what: str, error: type[MoeplaceError]) -> bytes:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_bytes()
     except OSError as e:
-        raise error(f"{src}: cannot read {what}: {e.strerror or e}") from None
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def parse_json_bytes(data: bytes, src: str, what: str, error: type[MoeplaceError]) -> Any:
+    """JSON of exactly these bytes (callers that hash a file parse the bytes they hashed)."""
     try:
-        return json.loads(text)
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{src}: {what} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise error(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{src}: {what}: JSON nested too deeply") from None

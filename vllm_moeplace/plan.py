@@ -343,19 +343,11 @@ def load_plan_hashed(path: str | os.PathLike) -> tuple[Plan, str]:
     replaced between hashing and parsing can never pass as the validated one."""
     import hashlib
 
+    from vllm_moeplace.jsonio import parse_json_bytes, read_bytes
+
     src = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise PlanError(f"{src}: cannot read plan file: {e.strerror or e}") from None
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise PlanError(f"{src}: plan file is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except RecursionError:
-        raise PlanError(f"{src}: JSON nested too deeply") from None
+    data = read_bytes(path, "plan file", PlanError)
+    obj = parse_json_bytes(data, src, "plan file", PlanError)
     return parse_plan(obj, source=src), hashlib.sha256(data).hexdigest()
 
 

@@ -185,31 +185,7 @@ def _hf_config(spec: TinyModelSpec):
     # deepseek_v2/v3: MLA attention with the only latent width the CPU backend supports; MLA has
     # one KV head per query head.
     common["num_key_value_heads"] = spec.num_attention_heads
-    if spec.arch == "deepseek_v3":
-        # DeepSeek-V3/R1 routing: sigmoid scores + e_score_correction_bias, grouped top-k
-        # (n_group groups, the best topk_group of them by their top-2 score sum), renormalised.
-        # vLLM needs topk_method and scoring_func written explicitly (../shared notes).
-        return transformers.DeepseekV3Config(
-            **common,
-            intermediate_size=spec.moe_intermediate_size * 2,
-            moe_intermediate_size=spec.moe_intermediate_size,
-            n_routed_experts=spec.num_experts,
-            num_experts_per_tok=spec.top_k,
-            n_shared_experts=1,
-            first_k_dense_replace=spec.first_dense_layers,
-            kv_lora_rank=512,
-            q_lora_rank=None,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=32,
-            v_head_dim=32,
-            n_group=spec.num_groups,
-            topk_group=max(1, spec.num_groups // 2),
-            topk_method="noaux_tc",
-            scoring_func="sigmoid",
-            norm_topk_prob=True,
-            routed_scaling_factor=1.0,
-        )
-    return transformers.DeepseekV2Config(
+    deepseek = dict(
         **common,
         intermediate_size=spec.moe_intermediate_size * 2,
         moe_intermediate_size=spec.moe_intermediate_size,
@@ -222,12 +198,36 @@ def _hf_config(spec: TinyModelSpec):
         qk_rope_head_dim=64,
         qk_nope_head_dim=32,
         v_head_dim=32,
-        topk_method="greedy",
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=False,
         routed_scaling_factor=1.0,
     )
+    if spec.arch == "deepseek_v3":
+        # DeepSeek-V3/R1 routing: sigmoid scores + e_score_correction_bias, grouped top-k
+        # (n_group groups, the best topk_group of them by their top-2 score sum), renormalised.
+        # vLLM needs topk_method and scoring_func written explicitly (../shared notes).
+        return transformers.DeepseekV3Config(
+            **deepseek, n_group=spec.num_groups, topk_group=max(1, spec.num_groups // 2),
+            topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+        )
+    return transformers.DeepseekV2Config(**deepseek, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False)
+
+
+def skewed_routing_trace(model_dir: str | Path, tokens: int, top_k: int, seed: int = 0, alpha: float = 1.2):
+    """A synthetic routing trace for a model folder's MoE layers: each layer draws top-k experts
+    from a Zipf(alpha) popularity over a random expert order (what `moeplace solve` needs to make a
+    plan for a tiny model without profiling it). 20 tokens per request."""
+    import numpy as np
+
+    from vllm_moeplace.cli.random_plan import model_moe_info
+    from vllm_moeplace.trace import Trace
+
+    _, E, layers = model_moe_info(model_dir)
+    rng = np.random.default_rng(seed)
+    pop = 1.0 / np.arange(1, E + 1) ** alpha
+    ids = np.stack([[rng.choice(E, top_k, replace=False, p=rng.permutation(pop) / pop.sum()) for _ in layers]
+                    for _ in range(tokens)])
+    return Trace(topk_ids=ids.astype(np.int16), layer_ids=np.array(layers, np.int32),
+                 request_ids=(np.arange(tokens) // 20).astype(np.int32), is_prefill=np.ones(tokens, bool),
+                 num_experts=E, meta={"model": str(model_dir), "source": "skewed_routing_trace"})
 
 
 def _train_tokenizer(vocab_size: int, out: Path) -> None:
