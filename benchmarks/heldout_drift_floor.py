@@ -1,6 +1,6 @@
 """How low can held-out rank imbalance go at EP16 over 4 nodes with one copy per rank?
 
-    flock /tmp/moeplace-heavy.lock python benchmarks/heldout_drift_floor.py [--time-limit 52] [--cap 1.10]
+    taskset -c 1 python benchmarks/heldout_drift_floor.py [--time-limit 52] [--cap 1.10]   # one core: ~4 min
 
 Issue 10's line asks, on the shared DeepSeek-V2-Lite trace (train = first half of the requests,
 scored on the second half under the replica rule), for node_sends <= 1.80 AND held-out rank
@@ -188,7 +188,7 @@ def main() -> int:
     lines = [
         "# Held-out rank imbalance at EP16 over 4 nodes, 1 copy per rank: the drift floor",
         "",
-        f"Command: `flock /tmp/moeplace-heavy.lock python {' '.join(sys.argv)}` (run pinned to one core: `taskset -c 1`)",
+        f"Command: `taskset -c 1 python {' '.join(sys.argv)}`",
         "",
         f"Code: commit {commit()}. Machine: {machine()}, load {loadavg()} (at start)",
         "",
