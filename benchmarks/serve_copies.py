@@ -108,7 +108,10 @@ def main() -> int:
         md, mc = statistics.median(d), statistics.median(c)
         inside = min(d) <= mc <= max(d)
         rel = 100 * (mc - md) / md
-        return f"{rel:+.1f}% ({'inside' if inside else 'OUTSIDE'} the default's spread)"
+        # the same round's pair (A B or B A back to back) shares the machine's state of the moment
+        paired = [100 * (y - x) / x for x, y in zip(d, c)]
+        return (f"{rel:+.1f}% ({'inside' if inside else 'OUTSIDE'} the default's spread); "
+                f"per round {', '.join(f'{p:+.0f}%' for p in paired)}")
 
     S = a.experts // 2 + a.redundant_per_rank
     md = f"""# Redundant copies on real vLLM: load time, throughput, TPOT vs the default layout
