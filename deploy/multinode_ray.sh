@@ -15,10 +15,9 @@
 source "$(dirname "$0")/common.sh"
 ROLE=${ROLE:?set ROLE=head or ROLE=worker}
 preflight
-# Ray workers do not inherit the head's environment: the plugin's runtime hooks (weight remap at
-# load time) must be switched on in every node's Ray processes (docs/serving.md, "How the request
-# reaches the workers"). Exported before `ray start`, it reaches the workers Ray starts there.
-export MOEPLACE_RUNTIME_HOOKS=1
+# Ray workers do not inherit the head's environment; the plan request reaches them in vLLM's own
+# config (docs/serving.md, "How the request reaches the workers"), so nothing needs exporting here.
+# vllm-moeplace must be installed on every node (preflight checks it on this one).
 
 if [[ "$ROLE" == worker ]]; then
     exec ray start --address "$HEAD_IP:${RAY_PORT:-6379}" --num-gpus "$GPUS_PER_NODE" --block

@@ -14,10 +14,8 @@ At config time the plugin rewrites the path to an absolute one and adds the file
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -32,7 +30,8 @@ SHA_KEY = "moe_placement_plan_sha256"
 FIX_KEY = "moe_cpu_ep_fix"
 ENV_PLAN = "VLLM_MOEPLACE_PLAN"
 ENV_FIX = "VLLM_MOEPLACE_CPU_EP_FIX"
-# Internal: set by the config hook so child processes (engine core, workers) install their hooks.
+# Internal, kept for child processes of older versions: the config hook still sets it, but the load
+# hook is installed in every process and reads the request from the vLLM config.
 ENV_ACTIVE = "MOEPLACE_RUNTIME_HOOKS"
 
 _TRUE = ("1", "true", "yes", "on")
@@ -57,13 +56,6 @@ def requested(additional_config: Mapping[str, Any] | None, environ: Mapping[str,
     if fix is None:
         fix = environ.get(ENV_FIX, "").strip().lower() in _TRUE
     return Settings(plan_path=str(path) if path else None, plan_sha256=ac.get(SHA_KEY), cpu_ep_fix=bool(fix))
-
-
-def file_sha256(path: str | os.PathLike) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None  # load_plan reports the unreadable file with its own message
 
 
 _cache: dict[tuple[str, str | None], Plan] = {}
