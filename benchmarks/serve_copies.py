@@ -116,7 +116,7 @@ def main() -> int:
     S = a.experts // 2 + a.redundant_per_rank
     md = f"""# Redundant copies on real vLLM: load time, throughput, TPOT vs the default layout
 
-Command: `flock /tmp/moeplace-heavy.lock {command()}` (commit {commit()}, {time.perf_counter() - t0:.0f} s)
+Command: `{command()}` (commit {commit()}, {time.perf_counter() - t0:.0f} s)
 
 Machine: {machine()}; load average before {load0}, after {loadavg()}.
 
