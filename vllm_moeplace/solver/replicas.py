@@ -175,18 +175,20 @@ class CopyState:
         rl = self.RL if rl is None else rl
         return float(np.maximum(rl + self.margin(var) - self.cap, 0.0).sum())
 
-    def delta(self, e: int, hold: list[int]) -> float:
-        """Exact change of node_cost if e's copy set became `hold` (sorted ranks)."""
-        tot = 0
+    def _changed_hosts(self, e: int, hold: list[int]):
+        """Per origin node m whose host nodes for e's pairs change if e's copy set became `hold`:
+        (m, new host nodes [P], mask of changed pairs, their tokens, old and new host nodes)."""
         for m in range(self.N):
             new = self._host_nodes(e, hold, m)
             old = self.HN[m, self.pairs[e]]
             ch = old != new
-            if not ch.any():
-                continue
-            t = self.ptok[e][ch]
-            vo = old[ch]
-            vn = np.broadcast_to(new, old.shape)[ch]
+            if ch.any():
+                yield m, new, self.ptok[e][ch], old[ch], np.broadcast_to(new, old.shape)[ch]
+
+    def delta(self, e: int, hold: list[int]) -> float:
+        """Exact change of node_cost if e's copy set became `hold` (sorted ranks)."""
+        tot = 0
+        for m, _, t, vo, vn in self._changed_hosts(e, hold):
             Cm = self.C[m]
             lost = int(((vo != m) & (Cm[t, vo] == 1)).sum())
             gained = int(((vn != m) & (Cm[t, vn] == 0)).sum())
@@ -195,16 +197,10 @@ class CopyState:
 
     def apply(self, e: int, hold: list[int]) -> None:
         hold = sorted(hold)
-        for m in range(self.N):
-            new = self._host_nodes(e, hold, m)
-            old = self.HN[m, self.pairs[e]]
-            ch = old != new
-            if not ch.any():
-                continue
-            t = self.ptok[e][ch]
+        for m, new, t, vo, vn in list(self._changed_hosts(e, hold)):
             Cm = self.C[m]
-            Cm[t, old[ch]] -= 1  # e's pairs are in distinct tokens: no repeated index
-            Cm[t, np.broadcast_to(new, old.shape)[ch]] += 1
+            Cm[t, vo] -= 1  # e's pairs are in distinct tokens: no repeated index
+            Cm[t, vn] += 1
             self.HN[m, self.pairs[e]] = new
         lv = self.expert_load(e, hold)
         if self.Q is not None:
