@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from _builders import solver_plan
 from vllm_moeplace.cli.random_plan import random_plan
 from vllm_moeplace.serving.worker_ext import checkpoint_fingerprints
 
@@ -44,13 +45,34 @@ def probe(tmp: Path, name: str, model: Path, *flags: str) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("arch", SELECTED)
-def test_mapped_architecture_tokens_and_placement(arch, tiny_model_factory, tmp_path):
-    spec, block, gate_up, down = ARCHS[arch]
-    model = tiny_model_factory(arch=arch, **spec)
-    plan = random_plan(model, ep_size=2, seed=1)
+CASES = [(a, "random") for a in SELECTED] + (
+    [(a, "solver-1-copy") for a in SELECTED] if os.environ.get("MOEPLACE_ALL_ARCHS") == "1" else [])
+
+
+@pytest.fixture(scope="module")
+def defaults(tiny_model_factory, tmp_path_factory):
+    """One default-layout run per architecture, shared by its plan cases."""
+    cache: dict = {}
+
+    def get(arch: str) -> tuple[Path, dict]:
+        if arch not in cache:
+            model = tiny_model_factory(arch=arch, **ARCHS[arch][0])
+            cache[arch] = (model, probe(tmp_path_factory.mktemp(f"default_{arch}"), "default", model, "--tp", "2", "--cpu-ep-fix"))
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch,kind", CASES)
+def test_mapped_architecture_tokens_and_placement(arch, kind, defaults, tmp_path):
+    _, block, gate_up, down = ARCHS[arch]
+    model, default = defaults(arch)
+    if kind == "random":
+        plan = random_plan(model, ep_size=2, seed=1)
+    else:  # the solver's own plan, with one redundant copy per rank (R*S = E + 2 physical slots)
+        plan = solver_plan(model, redundant=1)
+        assert plan.slots_per_rank() * 2 > plan.num_experts
     plan.save(tmp_path / "plan.json")
-    default = probe(tmp_path, "default", model, "--tp", "2", "--cpu-ep-fix")
     planned = probe(tmp_path, "plan", model, "--tp", "2", "--plan", str(tmp_path / "plan.json"))
     assert planned["token_ids"] == default["token_ids"]
     fps = checkpoint_fingerprints(str(model), block, gate_up, down)
@@ -60,6 +82,7 @@ def test_mapped_architecture_tokens_and_placement(arch, tiny_model_factory, tmp_
     for layer, per_rank in plan.layers.items():
         for r, experts in enumerate(per_rank.tolist()):
             held = ranks[r]["layers"][str(layer)]
+            assert len(held["w13"]) == len(experts), (layer, r)  # every slot, copies included
             for s, e in enumerate(experts):
                 assert held["w13"][s] == fps[(layer, e)]["w13"] and held["w2"][s] == fps[(layer, e)]["w2"], (layer, r, s, e)
                 moved += e != r * len(experts) + s

