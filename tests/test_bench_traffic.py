@@ -62,7 +62,12 @@ def test_logical_trace_inverts_the_plan_permutation():
     phys = np.array([[[0, 1]], [[2, 3]]], np.int16)  # physical 0,1 = logical 3,0; physical 2,3 = logical 2,1
     tr = logical_trace(_run(phys, E, layer_ids), plan, None, "m")
     assert tr.topk_ids[:, 0].tolist() == [[3, 0], [2, 1]]
-    assert _routing_agreement(tr, tr) == 1.0
+    # agreement with another run: the same expert sets in another order agree; one changed
+    # (token, layer) of two does not
+    other = logical_trace(_run(phys[:, :, ::-1].copy(), E, layer_ids), plan, None, "m")
+    assert _routing_agreement(tr, other) == 1.0
+    changed = logical_trace(_run(np.array([[[0, 1]], [[2, 0]]], np.int16), E, layer_ids), plan, None, "m")
+    assert _routing_agreement(tr, changed) == 0.5
 
 
 @settings(max_examples=25, deadline=None)

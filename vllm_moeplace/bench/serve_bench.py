@@ -167,6 +167,10 @@ def mapped_traffic(run: LayoutRun, plan: Plan, topology: Topology, trace: Trace)
     return counted, scored, float(np.mean(same))
 
 
+def _same(flag: bool | None) -> str:
+    return "reference" if flag is None else ("yes" if flag else "NO")
+
+
 def _pct(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -217,11 +221,13 @@ def run_benchmark(
                                         moe_layers=plan.moe_layers, ep_size=plan.ep_size, topology=topology,
                                         layers=plan.layers), trace).as_dict()
         agree = {k: _pct(getattr(counted, k), scored[k]) for k in ("node_sends", "rank_sends", "imbalance")}
-        same_tokens = [r.token_ids for r in run.load.requests] == base_tokens
+        # The default layout is the reference: comparing it with itself would say nothing, so its
+        # fields are None ("reference") rather than a vacuous yes / 1.0.
         if base_trace is None:
             base_trace = trace
-            same_routing = 1.0
+            same_tokens, same_routing = None, None
         else:
+            same_tokens = [r.token_ids for r in run.load.requests] == base_tokens
             same_routing = _routing_agreement(base_trace, trace)
         results["layouts"][run.spec.name] = {
             "plan": None if run.spec.plan is None else str(run.spec.plan),
@@ -281,8 +287,8 @@ def render_report(r: dict) -> str:
         lines.append(
             f"| {name} | {x['throughput_tok_s']:.1f} | {x['ttft_p50_ms']:.0f} / {x['ttft_p99_ms']:.0f} | "
             f"{x['tpot_p50_ms']:.0f} / {x['tpot_p99_ms']:.0f} | {t['node_sends']:.4f} | {t['rank_sends']:.4f} | "
-            f"{t['imbalance']:.4f} | {'yes' if x['tokens_identical_to_default'] else 'NO'} | "
-            f"{x['routing_identical_fraction']:.4f} | max rel. err {err:.2e} | {x.get('mechanism', 'permute')} | "
+            f"{t['imbalance']:.4f} | {_same(x['tokens_identical_to_default'])} | "
+            f"{'reference' if x['routing_identical_fraction'] is None else format(x['routing_identical_fraction'], '.4f')} | max rel. err {err:.2e} | {x.get('mechanism', 'permute')} | "
             f"{'-' if x.get('replica_rule_honoured') is None else format(x['replica_rule_honoured'], '.4f')} |"
         )
     lines += [
