@@ -11,6 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOEPLACE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environ():
+    """Restore os.environ after every test: building a real TP2 VllmConfig in this process makes
+    vLLM's CPU platform export LD_PRELOAD, LOCAL_WORLD_SIZE, VLLM_WORKER_MULTIPROC_METHOD and
+    TORCHINDUCTOR_* settings, which every engine started by a later test would inherit."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real traces recorded by others); tests that need it skip when absent."""

@@ -78,9 +78,35 @@ class Setup:
         self.copies: dict[int, dict] = {}  # redundant copies per rank -> solver plan (JSON)
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
-    arch = request.param
+@pytest.fixture(scope="module")
+def setups(tiny_model_factory, tmp_path_factory):
+    """Engine runs per architecture, made once when a test first asks for that architecture."""
+    cache: dict[str, Setup] = {}
+
+    def get(arch: str) -> Setup:
+        if arch not in cache:
+            cache[arch] = _make_setup(arch, tiny_model_factory, tmp_path_factory)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def setup(request, setups) -> Setup:
+    """The architecture a test runs on, from its `on(...)` parametrization (no skips: each test is
+    generated only for the architectures it is about)."""
+    return setups(request.param)
+
+
+def on(*archs: str):
+    return pytest.mark.parametrize("setup", list(archs), indirect=True)
+
+
+ALL = tuple(MODELS)
+TOKENS = ("qwen3_moe", "qwen2_moe", "deepseek_v3")  # DeepSeek-V2's CPU MLA is not bit-reproducible
+
+
+def _make_setup(arch: str, tiny_model_factory, tmp_path_factory) -> Setup:
     model = tiny_model_factory(**MODELS[arch])
     tmp = tmp_path_factory.mktemp(f"e2e_{arch}")
     plan = random_plan(model, ep_size=2, seed=1)
@@ -105,9 +131,8 @@ def setup(request, tiny_model_factory, tmp_path_factory) -> Setup:
     return s
 
 
+@on(*TOKENS)
 def test_plan_tokens_equal_default_layout_offline(setup):
-    if "default_tp2" not in setup.runs:
-        pytest.skip("placement-only architecture")
     plan_ids, default_ids = setup.runs["plan_tp2"]["token_ids"], setup.runs["default_tp2"]["token_ids"]
     assert len(plan_ids) == len(DEFAULT_PROMPTS) and all(len(t) == 8 for t in plan_ids)
     assert plan_ids == default_ids
@@ -134,6 +159,7 @@ def assert_ranks_hold(setup: Setup, plan: dict, run: dict) -> int:
     return moved
 
 
+@on(*ALL)
 def test_each_rank_holds_the_planned_experts(setup):
     moved = assert_ranks_hold(setup, setup.plan, setup.runs["plan_tp2"])
     assert moved > 0  # the plan really is not the default layout
@@ -147,11 +173,10 @@ def test_each_rank_holds_the_planned_experts(setup):
         assert [d0["w13"][s] for s in range(4)] == [fps[(0, e)]["w13"] for e in range(4)]
 
 
+@on("qwen3_moe")
 @pytest.mark.parametrize("copies", [1, 2])
 def test_solver_plan_with_redundant_copies(setup, copies):
     """Mapping mechanism: every copy loaded with its expert's weights, tokens = default = TP1."""
-    if setup.arch != "qwen3_moe":
-        pytest.skip("redundant copies are run on Qwen3-MoE")
     run = setup.runs[f"plan_r{copies}_tp2"]
     plan = setup.copies[copies]
     assert plan["version"] == 2 and plan["replica_rule"] == "origin-node-spread/v1"
@@ -165,11 +190,10 @@ def test_solver_plan_with_redundant_copies(setup, copies):
     assert run["token_ids"] == setup.runs["default_tp2"]["token_ids"] == setup.runs["tp1"]["token_ids"]
 
 
+@on("deepseek_v3")
 def test_cross_group_plan_on_grouped_topk(setup):
     """DeepSeek-V3 routing (sigmoid + score bias, 4 groups, best 2): a plan that moves experts
     between groups is served by the mapping mechanism with the default layout's tokens."""
-    if setup.arch != "deepseek_v3":
-        pytest.skip("grouped top-k model only")
     from vllm_moeplace.plan import parse_plan
     from vllm_moeplace.serving.validate import cross_group_slot
 
@@ -185,19 +209,17 @@ def test_cross_group_plan_on_grouped_topk(setup):
     assert len(diffs) == sum(len(t) for t in default_run["token_ids"]) and max(diffs) < 0.1
 
 
+@on("qwen3_moe")
 def test_weight_reload_refused_while_serving_a_plan(setup):
     """vLLM's reload_weights would load experts by the default layout behind a permuted router."""
-    if setup.arch != "qwen3_moe":
-        pytest.skip("one architecture is enough")
     err = setup.runs["plan_tp2"]["reload_error"]
     assert err is not None and "reload_weights is not supported while serving a placement plan" in err
 
 
+@on("qwen3_moe")
 def test_ranks_serving_different_plans_fail_the_start(setup, tmp_path):
     """Rank 1 reports another plan hash (as a node with another plan file would): the start fails
     before serving, naming both ranks and their hashes."""
-    if setup.arch != "qwen3_moe":
-        pytest.skip("one architecture is enough")
     cmd = [sys.executable, "-m", "vllm_moeplace.serving.probe", "--model", str(setup.model), "--tp", "2",
            "--plan", str(setup.plan_path), "--no-inspect", "--max-tokens", "1", "--out", str(tmp_path / "x.json")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
@@ -211,6 +233,7 @@ def test_ranks_serving_different_plans_fail_the_start(setup, tmp_path):
     assert m.group(1) == hashlib.sha256(setup.plan_path.read_bytes()).hexdigest()[:12]
 
 
+@on(*ALL)
 def test_plugin_active_only_with_a_request(setup):
     for r in setup.runs["plan_tp2"]["ranks"] + setup.runs.get("default_tp2", {"ranks": []})["ranks"]:
         assert r["runtime_hooks"] and r["cpu_ep_fix"]
@@ -222,14 +245,12 @@ def test_plugin_active_only_with_a_request(setup):
             assert r["runtime_hooks"] and not r["plan_requested"] and not r["cpu_ep_fix"]
 
 
+@on("qwen3_moe")
 def test_default_layout_with_cpu_ep_fix_matches_tp1(setup):
-    if "tp1" not in setup.runs:
-        pytest.skip("run for qwen3_moe only")
     assert setup.runs["default_tp2"]["token_ids"] == setup.runs["tp1"]["token_ids"]
 
 
+@on("qwen3_moe")
 def test_without_flag_vllm_behaves_as_without_plugin(setup):
-    if "tp1" not in setup.runs:
-        pytest.skip("run for qwen3_moe only")
     assert setup.runs["tp1"]["token_ids"] == setup.runs["tp1_noplugin"]["token_ids"]
     assert setup.runs["tp1_noplugin"]["ranks"][0]["layers"] == setup.runs["tp1"]["ranks"][0]["layers"]

@@ -62,6 +62,20 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "VllmServer":
+        # A free port found by binding and closing can be taken by another process before the
+        # server binds it: when the port was ours to choose, retry on another one.
+        chosen = not self.port
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except ServerStartError as e:
+                if not (chosen and "address already in use" in str(e).lower() and attempt < 2):
+                    raise
+                self.stop()  # close the failed attempt's log
+                self.port = 0
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "VllmServer":
         self.port = self.port or free_port()
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{self.port}.log"
