@@ -23,12 +23,33 @@ def _isolated_environ():
         os.environ.update(saved)
 
 
+NEEDED = SHARED_DATA / "traces" / "dsv2lite_puffin_a.npz"
+_skipped_for_data: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real traces recorded by others); tests that need it skip when absent."""
-    if not (SHARED_DATA / "traces" / "dsv2lite_puffin_a.npz").exists():
-        pytest.skip(f"shared real traces not found at {SHARED_DATA}")
+    """../shared/data (real traces recorded by others). Tests that need it skip when it is absent,
+    and the run's summary names the missing data once (pytest_terminal_summary below)."""
+    if not NEEDED.exists():
+        pytest.skip(f"needs the shared real traces ({NEEDED})")
     return SHARED_DATA
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "needs the shared real traces" in str(report.longrepr):
+        _skipped_for_data.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_for_data:
+        terminalreporter.write_sep(
+            "!", f"MISSING DATA: {NEEDED} not found; {len(_skipped_for_data)} real-trace tests skipped", red=True, bold=True)
+        terminalreporter.write_line(
+            "Place the shared data folder beside the project (../shared/data, see its README) or set "
+            "MOEPLACE_SHARED_DATA; these tests check the solver and simulator on real recorded routing:")
+        for nodeid in _skipped_for_data:
+            terminalreporter.write_line(f"  {nodeid}")
 
 
 @pytest.fixture(scope="session")
