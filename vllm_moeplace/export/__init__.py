@@ -11,7 +11,8 @@ own choice among redundant copies differs from ours (`replica.REPLICA_RULE`). Se
 
 from __future__ import annotations
 
-from vllm_moeplace.export.common import ExportError, ExportResult, write_text_atomic
+from vllm_moeplace.export.common import ExportError, ExportResult
+from vllm_moeplace.jsonio import write_text_atomic
 from vllm_moeplace.export.sglang import export_sglang
 from vllm_moeplace.export.trtllm import export_trtllm
 from vllm_moeplace.export.vllm_map import export_vllm_map

@@ -1,12 +1,9 @@
 """What every export target shares: the physical -> logical table of a plan layer, the default
-layout engines assume for layers a plan leaves out, and writing the file atomically."""
+layout engines assume for layers a plan leaves out, and the notes on replica choice."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from vllm_moeplace.errors import MoeplaceError
@@ -69,20 +66,6 @@ def ranges(xs: list[int]) -> str:
         else:
             out.append([x, x])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` so an interrupted write never leaves a partial file at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_uniform_ranks(plan: Plan) -> None:
