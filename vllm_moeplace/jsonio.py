@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,17 @@ def parse_json_bytes(data: bytes, src: str, what: str, error: type[MoeplaceError
         raise error(f"{src}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise error(f"{src}: {what}: JSON nested too deeply") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` so a crash never leaves a half-written file at `path` (plans, exports)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

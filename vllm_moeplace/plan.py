@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
-from vllm_moeplace.jsonio import read_json
+from vllm_moeplace.jsonio import read_json, write_text_atomic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PLAN_FORMAT = "vllm-moeplace/plan"
@@ -248,17 +246,7 @@ class Plan:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON so a crash never leaves a half-written file at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _first_pydantic_error(src: str, e: ValidationError) -> PlanError:

@@ -1,4 +1,5 @@
-"""`moeplace import --format FORMAT SRC... --out trace.npz`: convert a published trace to the native .npz."""
+"""`moeplace import --format FORMAT SRC... --out trace.npz`: convert a published trace to the native .npz
+(or, for sources that hold expert counts only, to a load-only .npz, `load_trace.py`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import shlex
 import sys
 
+from vllm_moeplace.load_trace import LoadTrace, save_load_trace
 from vllm_moeplace.profiling.importers import FORMATS, ImportOptions, import_trace
 from vllm_moeplace.trace import save_trace
 
@@ -54,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
     trace.meta["import_command"] = _command(args)
     for note in trace.meta.get("import_notes", []):
         print(f"moeplace import: note: {note}", file=sys.stderr)
+    if isinstance(trace, LoadTrace):
+        save_load_trace(args.out, trace)
+        print(
+            f"wrote {args.out}: load-only trace, {trace.num_windows} {trace.meta.get('window', 'window')}(s), "
+            f"{trace.num_layers} MoE layers {trace.layer_ids.min()}..{trace.layer_ids.max()}, {trace.num_experts} experts, "
+            f"{int(trace.expert_load.sum())} routed token-slots; solve it with --objective balance"
+        )
+        return 0
     save_trace(args.out, trace)
     labels = "" if trace.labels is None else f", {len(set(trace.labels.tolist()))} label(s)"
     print(

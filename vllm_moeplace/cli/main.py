@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("vllm_moeplace.cli.baseline", "write a baseline plan (linear, round_robin, eplb, greedy)"),
     "evaluate": ("vllm_moeplace.cli.evaluate", "score plans and baselines on a trace"),
     "validate": ("vllm_moeplace.cli.validate", "check a plan file against the specification"),
+    "export": ("vllm_moeplace.cli.export", "write a plan for SGLang, TensorRT-LLM or vLLM's static-map PR"),
     "bench": ("vllm_moeplace.cli.bench", "serving benchmark: default layout vs plans on real vLLM"),
     "demo": ("vllm_moeplace.cli.demo", "the main job end to end on the embedded default"),
 }

@@ -1,4 +1,8 @@
-"""`moeplace solve`: compute a topology-aware placement plan from a routing trace."""
+"""`moeplace solve`: compute a topology-aware placement plan from a routing trace.
+
+A load-only trace (expert counts, `load_trace.py`: SGLang stat / TensorRT-LLM statistics imports)
+is solved with `--objective balance` (the default for such a file; `load_balance.py`); every option
+that needs per-token routing is refused for it with one message naming the option."""
 
 from __future__ import annotations
 
@@ -12,17 +16,21 @@ from vllm_moeplace.trace import load_trace
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="routing trace (.npz)")
+    p.add_argument("--trace", required=True, help="routing trace (.npz), or a load-only trace (then --objective balance)")
     p.add_argument("--ep-size", type=int, required=True, help="number of EP ranks R")
     topo = p.add_mutually_exclusive_group(required=True)
     topo.add_argument("--ranks-per-node", type=int, help="G consecutive ranks per node")
     topo.add_argument("--topology", help="JSON file {nodes: [[ranks]], link_cost: [[...]]}")
-    p.add_argument("--objective", default="node_sends", choices=["node_sends", "rank_sends", "hop_cost"])
+    p.add_argument(
+        "--objective", default=None, choices=["node_sends", "rank_sends", "hop_cost", "balance"],
+        help="node_sends (default for a per-token trace), rank_sends, hop_cost; balance: load only (default, and the "
+        "only choice, for a load-only trace)",
+    )
     p.add_argument("--inter-layer-weight", type=float, default=0.0)
     p.add_argument("--max-imbalance", type=float, default=1.05, help="train max/mean load bound (default 1.05)")
     p.add_argument("--redundant-per-rank", type=int, default=0, help="extra slots per rank for expert copies")
     p.add_argument(
-        "--copy-placement", default="locality", choices=["locality", "balance"],
+        "--copy-placement", default=None, choices=["locality", "balance"],
         help="locality (default): copies by exact train node_sends savings under the replica rule, within the load cap; "
         "balance: the earlier EPLB-style placement",
     )
@@ -88,17 +96,78 @@ def _preserve_groups(args: argparse.Namespace) -> int:
     return args.preserve_groups
 
 
+def _per_token_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only the per-token solver understands."""
+    given = []
+    if args.inter_layer_weight > 0:
+        given.append("--inter-layer-weight")
+    if args.balance_target == "expected":
+        given.append("--balance-target expected")
+    if args.balance_risk > 0:
+        given.append("--balance-risk")
+    if args.balance_folds > 1:
+        given.append("--balance-folds")
+    if args.train_fraction < 1.0:
+        given.append("--train-fraction")
+    if args.preserve_groups:
+        given.append("--preserve-groups")
+    if args.copy_placement == "locality":
+        given.append("--copy-placement locality")
+    return given
+
+
+def _run_balance(args: argparse.Namespace, load_only: bool) -> int:
+    from vllm_moeplace.load_balance import PER_TOKEN_OPTIONS, balance_plan, refusal
+    from vllm_moeplace.load_trace import LoadTrace, load_load_trace
+
+    given = _per_token_options(args)
+    if load_only and args.objective not in (None, "balance"):
+        raise refusal(args.trace, f"--objective {args.objective}")
+    if given:
+        if load_only:
+            raise refusal(args.trace, f"{given[0]} ({PER_TOKEN_OPTIONS[given[0]]})")
+        raise MoeplaceError(f"--objective balance places by expert load only; {given[0]} does not apply to it")
+    if args.redundant_per_rank < 0:
+        raise MoeplaceError(f"--redundant-per-rank {args.redundant_per_rank}: must be >= 0")
+    topology = _topology(args)
+    if load_only:
+        load = load_load_trace(args.trace)
+    else:
+        import numpy as np
+
+        from vllm_moeplace.solver.stats import expert_load
+
+        trace = load_trace(args.trace)
+        load = LoadTrace(expert_load=expert_load(trace)[None].astype(np.int64), layer_ids=trace.layer_ids,
+                         num_experts=trace.num_experts, meta=dict(trace.meta, format="native trace counts"))
+    plan = balance_plan(load, topology, args.redundant_per_rank, model_name=args.model_name,
+                        extra={"trace": str(args.trace)})
+    plan.save(args.out)
+    s = plan.solver
+    print(f"balance (load only): {len(plan.layers)} layers, {plan.slots_per_rank()} slots per rank, train rank "
+          f"imbalance {s['rank_imbalance_even_split']:.4f} mean / {s['rank_imbalance_even_split_max']:.4f} max "
+          "(copies splitting their expert's load evenly)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    from vllm_moeplace.load_trace import is_load_trace
+
+    load_only = is_load_trace(args.trace)
+    if load_only or args.objective == "balance":
+        return _run_balance(args, load_only)
+
     from vllm_moeplace.solver.options import SolveOptions
     from vllm_moeplace.solver.pipeline import solve
 
     try:
         opts = SolveOptions(
-            objective=args.objective,
+            objective=args.objective or "node_sends",
             inter_layer_weight=args.inter_layer_weight,
             max_imbalance=args.max_imbalance,
             redundant_per_rank=args.redundant_per_rank,
-            copy_placement=args.copy_placement,
+            copy_placement=args.copy_placement or "locality",
             time_limit=args.time_limit,
             train_fraction=args.train_fraction,
             seed=args.seed,

@@ -6,6 +6,7 @@ the serving adapter's architecture table, `serving/arch.py`, which needs no vLLM
 must pass exactly the model checks the server runs at config time (`serving.validate.
 check_plan_fits`); the serving mechanism it will use (permute / map) is printed.
 With `--trace`: the plan must fit the trace (experts, layers) so it can be scored.
+With `--schema`: print the plan file's JSON Schema (`plan_schema.py`) and check nothing else.
 Exit status 0 when every plan passes, 2 at the first failure (one line naming file, field, value).
 """
 
@@ -25,7 +26,9 @@ from vllm_moeplace.trace import load_trace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("plans", nargs="+", metavar="plan.json", help="plan file(s) to check")
+    parser.add_argument("plans", nargs="*", metavar="plan.json", help="plan file(s) to check")
+    parser.add_argument("--schema", action="store_true",
+                        help="print the plan file's JSON Schema (draft 2020-12) to stdout and exit")
     parser.add_argument("--model", metavar="DIR", help="model directory with a Hugging Face config.json")
     parser.add_argument("--trace", help="also check the plan fits this trace (.npz)")
 
@@ -75,6 +78,17 @@ def check_against_model(plan: Plan, model_dir: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.schema:
+        if args.plans or args.model or args.trace:
+            raise MoeplaceError("--schema prints the schema only; give no plan, --model or --trace with it")
+        import json
+
+        from vllm_moeplace.plan_schema import plan_json_schema
+
+        print(json.dumps(plan_json_schema(), indent=1))
+        return 0
+    if not args.plans:
+        raise MoeplaceError("no plan file given (or pass --schema to print the plan's JSON Schema)")
     trace = load_trace(args.trace) if args.trace else None
     for path in args.plans:
         plan = load_plan(path)
