@@ -93,8 +93,12 @@ def test_every_baseline_plan_is_valid(shape, red, seed):
         plan = baseline_plan(name, tr, topo, red)
         validate_plan(plan)
         assert plan.slots_per_rank() == E // R + red
-        parse_plan(json.loads(json.dumps(plan.to_json())))  # round-trips through the file format
-        evaluate_plan(plan, tr)
+        back = parse_plan(json.loads(json.dumps(plan.to_json())))  # round-trips through the file format
+        assert all(np.array_equal(back.layers[l], plan.layers[l]) for l in plan.layers) and back.ep_size == R
+        m = evaluate_plan(plan, tr)
+        # imbalance is max/mean >= 1 by definition; sends are fractions of the top-k pairs
+        assert m.num_tokens == tr.num_tokens and m.imbalance >= 1.0 - 1e-9
+        assert 0.0 <= m.node_sends <= m.rank_sends <= tr.topk_ids.shape[2] + 1e-9
 
 
 @settings(max_examples=25, deadline=None)

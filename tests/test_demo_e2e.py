@@ -1,0 +1,77 @@
+"""The README's main job, end to end: `moeplace demo` runs every stage as the command a user would
+type (tiny-model, profile, solve, bench, and the real-trace solve + evaluate), on the real vLLM
+(`vllm serve`, CPU, TP2 + EP). Reduced sizes (4 output tokens, short solver budgets) keep it to a
+few minutes; the flags are the demo's own, so renaming one breaks this test as it would break the
+README.
+
+It also carries the permutation-plan checks of the serving benchmark (the solver's EP2 plan is a
+pure permutation): tokens and routing identical to the default layout, counted traffic equal to
+`moeplace evaluate`, and one placement log line per EP rank with the plan's hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import NEEDED
+
+pytestmark = pytest.mark.vllm
+
+
+def test_demo_main_job(tmp_path):
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_MOEPLACE_", "MOEPLACE_RUNTIME"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable, "-m", "vllm_moeplace", "demo", "--out", str(out), "--max-tokens", "4",
+           "--solve-time", "2", "--real-solve-time", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert f"report: {out / 'report.md'}" in r.stdout
+    report = (out / "report.md").read_text()
+
+    # every stage ran as the README's command, with the demo's flags
+    for expected in (
+        "moeplace tiny-model --arch qwen3_moe --layers 4 --experts 16 --top-k 4 --out",
+        "moeplace profile ",
+        "--tensor-parallel-size 2 --enable-expert-parallel --dtype float32 --moe-cpu-ep-fix",
+        "moeplace solve --trace ",
+        "--ep-size 2 --ranks-per-node 1",
+        "--model-name",
+        "moeplace bench ",
+        "--concurrency 4 --repeat 4 --out",
+    ):
+        assert expected in report, expected
+    assert "## Serving benchmark" in report and "| plan0:plan |" in report
+
+    # the benchmark: the plan's tokens and routing are the default layout's; its traffic was
+    # counted inside the engine and equals `moeplace evaluate` on the same run's trace
+    res = json.loads((out / "serving" / "serving_results.json").read_text())
+    default, planned = res["layouts"]["default"], res["layouts"]["plan0:plan"]
+    assert planned["mechanism"] == "permute"
+    assert planned["tokens_identical_to_default"] is True and planned["routing_identical_fraction"] == 1.0
+    assert default["tokens_identical_to_default"] is None  # the reference, never compared with itself
+    assert planned["agrees_within_1pct"] and default["agrees_within_1pct"]
+    assert planned["output_tokens"] == default["output_tokens"] > 0
+    plan_path = out / "plan.json"
+    assert json.loads(plan_path.read_text())["solver"]["train_fraction"] == 0.5
+
+    # `vllm serve` logged one placement line per EP rank with the plan's hash and mechanism
+    log = (out / "serving" / "server-plan0:plan.log").read_text()
+    placed = [ln for ln in log.splitlines() if "vllm-moeplace: placed experts of 4 layers" in ln]
+    assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]
+    sha = hashlib.sha256(plan_path.read_bytes()).hexdigest()[:12]
+    assert all(f"sha256={sha}" in ln and "(mechanism permute," in ln for ln in placed)
+
+    # the real-trace half runs when the shared data is there, and says how to get it otherwise
+    if NEEDED.exists():
+        scores = json.loads((out / "real_trace_scores.json").read_text())
+        assert "linear" in scores and any(s.get("kind") == "plan" for s in scores.values())
+        assert "| moeplace solve |" in report
+    else:
+        assert "Skipped: real trace" in report
