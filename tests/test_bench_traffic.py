@@ -101,3 +101,27 @@ def test_copies_counted_from_physical_ids_equal_evaluate_at_the_same_origins(see
     scored = evaluate_layers_at_origins(layers, topo, trace, origin, spread)
     for k in ("node_sends", "rank_sends", "imbalance"):
         assert getattr(counted, k) == pytest.approx(scored[k], rel=1e-12, abs=1e-12), k
+
+
+def test_compare_to_reference_sees_different_tokens_and_routing():
+    """The benchmark's default-vs-plan comparison, on runs that really differ (a self-comparison
+    or a constant would pass the end-to-end tests, where the tokens are identical)."""
+    import types
+
+    from vllm_moeplace.bench.serve_bench import compare_to_reference
+
+    E, layer_ids = 4, [0]
+    plan = Plan(model_name="m", num_experts=E, moe_layers=layer_ids, ep_size=2, topology=Topology.uniform(2, 1),
+                layers={0: np.array([[0, 1], [2, 3]])})
+
+    def run(tokens, phys):
+        r = _run(np.array(phys, np.int16), E, layer_ids)
+        r.load = types.SimpleNamespace(requests=[types.SimpleNamespace(token_ids=t) for t in tokens])
+        return r, logical_trace(r, plan, None, "m")
+
+    ref, ref_tr = run([[5, 6], [7]], [[[0, 1]], [[2, 3]]])
+    same, same_tr = run([[5, 6], [7]], [[[1, 0]], [[3, 2]]])
+    other, other_tr = run([[5, 6], [8]], [[[0, 1]], [[2, 0]]])
+    assert compare_to_reference(ref, ref_tr, None, ref_tr) == (None, None)  # the reference itself
+    assert compare_to_reference(same, same_tr, ref, ref_tr) == (True, 1.0)
+    assert compare_to_reference(other, other_tr, ref, ref_tr) == (False, 0.5)

@@ -204,7 +204,6 @@ def run_benchmark(
     base = runs[0]
     results: dict = {"model": model, "prompts": len(prompts), "max_tokens": max_tokens, "concurrency": concurrency,
                      "virtual_topology": topology.nodes, "layouts": {}}
-    base_tokens = [r.token_ids for r in base.load.requests]
     base_trace = None
     for run in runs:
         plan = layout_plan(run, topology, model)
@@ -221,14 +220,9 @@ def run_benchmark(
                                         moe_layers=plan.moe_layers, ep_size=plan.ep_size, topology=topology,
                                         layers=plan.layers), trace).as_dict()
         agree = {k: _pct(getattr(counted, k), scored[k]) for k in ("node_sends", "rank_sends", "imbalance")}
-        # The default layout is the reference: comparing it with itself would say nothing, so its
-        # fields are None ("reference") rather than a vacuous yes / 1.0.
         if base_trace is None:
             base_trace = trace
-            same_tokens, same_routing = None, None
-        else:
-            same_tokens = [r.token_ids for r in run.load.requests] == base_tokens
-            same_routing = _routing_agreement(base_trace, trace)
+        same_tokens, same_routing = compare_to_reference(run, trace, base if run is not base else None, base_trace)
         results["layouts"][run.spec.name] = {
             "plan": None if run.spec.plan is None else str(run.spec.plan),
             "startup_s": run.startup_s,
@@ -256,6 +250,18 @@ def _ep_size(engine_args: list[str]) -> int:
         if flag in ("--data-parallel-size", "-dp"):
             dp = int(val)
     return tp * dp
+
+
+def compare_to_reference(
+    run: LayoutRun, trace: Trace, reference: LayoutRun | None, reference_trace: Trace
+) -> tuple[bool | None, float | None]:
+    """(greedy token ids identical, fraction of (token, layer) with the same logical expert set) of
+    one layout against the reference run (vLLM's default layout). The reference itself gets
+    (None, None): comparing it with itself would say nothing, so no vacuous yes / 1.0."""
+    if reference is None:
+        return None, None
+    same_tokens = [r.token_ids for r in run.load.requests] == [r.token_ids for r in reference.load.requests]
+    return same_tokens, _routing_agreement(reference_trace, trace)
 
 
 def _routing_agreement(a: Trace, b: Trace) -> float:
