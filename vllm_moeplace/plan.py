@@ -264,8 +264,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def _first_pydantic_error(src: str, e: ValidationError) -> PlanError:
-    err = e.errors()[0]
+def topology_error(e: ValidationError, topology: Any) -> dict[str, Any]:
+    """The error to report for a topology that failed the RanksPerNode | NodeGroups union: the
+    one of the member the input is shaped like (has `nodes` -> NodeGroups), not pydantic's first
+    ("ranks_per_node: Field required" for a node list with one bad cost)."""
+    other = "RanksPerNode" if isinstance(topology, dict) and "nodes" in topology else "NodeGroups"
+    errors = e.errors()
+    return next((err for err in errors if other not in map(str, err["loc"])), errors[0])
+
+
+def _first_pydantic_error(src: str, e: ValidationError, data: Any = None) -> PlanError:
+    topo = data.get("topology") if isinstance(data, dict) else None
+    err = topology_error(e, topo)
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("RanksPerNode", "NodeGroups")))
     value = err.get("input")
     shown = json.dumps(value)[:120] if not isinstance(value, dict) else "{...}"
@@ -289,7 +299,7 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
     try:
         m = PlanModel.model_validate(data)
     except ValidationError as e:
-        raise _first_pydantic_error(source, e) from None
+        raise _first_pydantic_error(source, e, data) from None
     _check_replica_rule(m, source)
     topo = Topology.from_spec(m.topology, m.ep_size, where=f"{source}: field 'topology'")
     layers: dict[int, np.ndarray] = {}
@@ -392,6 +402,17 @@ def validate_plan(plan: Plan) -> None:
             raise PlanError(f"{f}': experts {missing.tolist()[:8]} are on no rank")
     if len(slot_counts) > 1:
         raise PlanError(f"{src}: field 'layers': layers use different slot counts {sorted(slot_counts)}")
+
+
+def check_redundant_per_rank(redundant: int, num_experts: int, ep_size: int, flag: str = "--redundant-per-rank") -> None:
+    """A rank holds num_experts / ep_size experts plus `redundant` copies, at most one copy of each
+    expert: more is unplaceable (and, before this check, made the solver search for a long time)."""
+    per_rank = num_experts // max(ep_size, 1)
+    if not 0 <= redundant <= num_experts - per_rank:
+        raise PlanError(
+            f"{flag}: value {redundant} must be in 0..{num_experts - per_rank} (a rank holds {per_rank} of the "
+            f"{num_experts} experts and at most one copy of each)"
+        )
 
 
 def linear_layout(num_experts: int, ep_size: int) -> np.ndarray:

@@ -164,6 +164,5 @@ class OutputGuard:
             backup = self._backups.get(p)
             if backup is not None:
                 if failed:
-                    os.replace(backup, p)
-                else:
-                    backup.unlink(missing_ok=True)
+                    os.replace(backup, p)  # a no-op when p was never replaced (same inode) ...
+                backup.unlink(missing_ok=True)  # ... so drop the link explicitly

@@ -11,7 +11,7 @@ import argparse
 from pydantic import ValidationError
 
 from vllm_moeplace.errors import MoeplaceError
-from vllm_moeplace.plan import Topology, linear_layout
+from vllm_moeplace.plan import Topology, check_redundant_per_rank, linear_layout
 from vllm_moeplace.trace import load_trace
 
 
@@ -140,6 +140,7 @@ def _run_balance(args: argparse.Namespace, load_only: bool) -> int:
         trace = load_trace(args.trace)
         load = LoadTrace(expert_load=expert_load(trace)[None].astype(np.int64), layer_ids=trace.layer_ids,
                          num_experts=trace.num_experts, meta=dict(trace.meta, format="native trace counts"))
+    check_redundant_per_rank(args.redundant_per_rank, load.num_experts, topology.ep_size)
     plan = balance_plan(load, topology, args.redundant_per_rank, model_name=args.model_name,
                         extra={"trace": str(args.trace)})
     plan.save(args.out)
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoeplaceError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
     topology = _topology(args)
     trace = load_trace(args.trace)
+    check_redundant_per_rank(opts.redundant_per_rank, trace.num_experts, topology.ep_size)  # else a long futile search
     meta_name = trace.meta.get("model") if isinstance(trace.meta, dict) else None
     plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace)
     plan.save(args.out)

@@ -111,7 +111,7 @@ def check_plan_fits(plan: Plan, hf_config: Any, ep_enabled: bool, ep_size: int, 
     if arch is None:
         raise PlanError(
             f"{src}: field 'model': value {archs or raw!r}: architecture not supported by the placement plugin "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"({model_src} field 'architectures'; supported: {', '.join(ARCHITECTURES)})"
         )
     E, moe_layers = model_moe_facts(arch, hf_config, model_src)
     if plan.num_experts != E:
