@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
     if ids > MAX_TRACE_IDS:  # checked before synth_trace allocates [T, L, K] (and more beside it)
         raise MoeplaceError(f"--tokens {args.tokens} x --layers {args.layers} x --top-k {args.top_k} = {ids} expert ids: "
                             f"more than the {MAX_TRACE_IDS} a trace may hold (tokens x layers x top_k)")
-    if args.top_k > args.experts:
-        raise MoeplaceError(f"--top-k {args.top_k}: a token chooses distinct experts, at most --experts {args.experts}")
     cfg = SynthConfig(
         num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, num_tokens=args.tokens,
         seed=args.seed, num_requests=args.requests, num_domains=args.domains, first_layer=args.first_layer,
