@@ -397,6 +397,8 @@ BAD_FLAGS: dict[str, tuple[Callable[[World, Path], list[Any]], list[str]]] = {
     "import_negative_layer_ids": (lambda w, o: ["import", "--format", "hf-hook-csv", w.root, "--layer-ids", "-3", "--out", o], ["--layer-ids", "-3"]),
     "export_num_layers_absurd": (lambda w, o: ["export", "--to", "sglang", "--plan", w.plan, "--num-layers", 10**12, "--out", o], ["--num-layers"]),
     "validate_ep_size_mismatch": (lambda w, o: ["validate", w.plan, "--model", w.model, "--ep-size", 4], ["field 'ep_size'", "value 2", "4"]),
+    "solve_preserve_groups_bad_config": (lambda w, o: ["solve", "--trace", w.trace, "--ep-size", 2, "--ranks-per-node", 1, "--preserve-groups", "--model", w.write("deep/config.json", _deep(100_000)).parent, "--out", o], ["config.json", "nested too deeply"]),
+    "solve_preserve_groups_list_config": (lambda w, o: ["solve", "--trace", w.trace, "--ep-size", 2, "--ranks-per-node", 1, "--preserve-groups", "--model", w.write("listcfg/config.json", b"[2]").parent, "--out", o], ["config.json", "n_group"]),
     "validate_ep_size_zero": (lambda w, o: ["validate", w.plan, "--ep-size", 0], ["--ep-size", "0"]),
 }
 
@@ -468,6 +470,12 @@ BAD_IMPORT_FILES: dict[str, tuple[str, str, bytes]] = {
     # format, file name, content
     "csv_binary": ("hf-hook-csv", "prompt_1_data.csv", b"\xff\xfe\x00garbage"),
     "csv_header_only": ("hf-hook-csv", "prompt_1_data.csv", b"token_idx,layer,expert_ids\n"),
+    "csv_nested_cell": ("hf-hook-csv", "prompt_1_data.csv",
+                        b'Layer ID,Batch Number,Token,Activated Expert IDs\n1,0,a,"' + _deep(100_000) + b'"\n'),
+    "csv_huge_int_cell": ("hf-hook-csv", "prompt_1_data.csv",
+                          b'Layer ID,Batch Number,Token,Activated Expert IDs\n1,0,a,"[' + b"9" * 5000 + b']"\n'),
+    "csv_id_beyond_int16": ("hf-hook-csv", "prompt_1_data.csv",
+                            b'Layer ID,Batch Number,Token,Activated Expert IDs\n1,0,a,"[1, 70000]"\n'),
     "oic_binary": ("orders-in-chaos", "a.json", b"\xff\xfe\x00"),
     "oic_nested": ("orders-in-chaos", "a.json", _deep(100_000)),
     "oic_not_list": ("orders-in-chaos", "a.json", b'{"a": 1}'),

@@ -72,18 +72,17 @@ def _topology(args: argparse.Namespace) -> Topology:
 
 def model_n_group(path: str) -> int:
     """n_group from a Hugging Face model folder's config.json (or the file itself)."""
-    import json
     from pathlib import Path
+
+    from vllm_moeplace.jsonio import read_json
 
     f = Path(path)
     if f.is_dir():
         f = f / "config.json"
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise MoeplaceError(f"--model {path}: cannot read {f}: {e}") from None
-    n = cfg.get("n_group", (cfg.get("text_config") or {}).get("n_group"))
-    if not isinstance(n, int) or n < 1:
+    cfg = read_json(f, "model config", MoeplaceError)  # the shared safe reader (UTF-8, depth, NaN)
+    text = cfg.get("text_config") if isinstance(cfg, dict) else None
+    n = cfg.get("n_group", text.get("n_group") if isinstance(text, dict) else None) if isinstance(cfg, dict) else None
+    if type(n) is not int or n < 1:
         raise MoeplaceError(f"--model {path}: {f} has no positive integer n_group (got {n!r}); pass --preserve-groups N")
     return n
 
