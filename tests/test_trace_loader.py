@@ -79,7 +79,7 @@ def test_round_trip_with_optional_keys(tmp_path: Path) -> None:
         ({"labels": np.array(["only-one"])}, r"key 'labels': 1 labels but request ids go up to 1"),
         ({"labels": np.array([1, 2])}, r"key 'labels': expected a 1-D string array"),
         ({"topk_ids": np.array([None] * 20, dtype=object).reshape(5, 2, 2)}, r"key 'topk_ids': unreadable array \(Object arrays cannot be loaded"),
-        ({"meta": np.array({"a": 1}, dtype=object)}, r"key 'num_experts' or 'meta': unreadable array"),
+        ({"meta": np.array({"a": 1}, dtype=object)}, r"key 'meta': unreadable array \(Object arrays cannot be loaded"),
     ],
 )
 def test_malformed_files_are_rejected_with_file_and_key(tmp_path: Path, changes, match: str) -> None:

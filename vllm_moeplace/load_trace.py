@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from vllm_moeplace.trace import TraceError
+from vllm_moeplace.limits import MAX_EXPERTS
+from vllm_moeplace.npzio import read_npz
+from vllm_moeplace.trace import TraceError, parse_meta
 
 LOAD_KEYS = ("expert_load", "layer_ids", "num_experts", "meta")
 
@@ -63,7 +65,7 @@ def validate_load_trace(t: LoadTrace, src: str) -> None:
     W, L, E = a.shape
     if W < 1 or L < 1:
         raise TraceError(f"{src}: key 'expert_load': shape {list(a.shape)} has no window or no layer")
-    if E != t.num_experts or E < 1:
+    if E != t.num_experts or not 0 < E <= MAX_EXPERTS:
         raise TraceError(f"{src}: key 'num_experts': {t.num_experts}, but expert_load has {E} experts per layer")
     if (a < 0).any():
         w, l, e = np.argwhere(a < 0)[0]
@@ -75,42 +77,30 @@ def validate_load_trace(t: LoadTrace, src: str) -> None:
 
 
 def is_load_trace(path: str | os.PathLike) -> bool:
-    """True when `path` is an .npz with the load-only keys (no error if it is not readable)."""
+    """True when `path` is an .npz with the load-only keys (no error if it is not readable: the
+    reader that runs next names the problem). Reads the archive's member names only."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return set(z.files) == set(LOAD_KEYS)
+        with zipfile.ZipFile(path) as zf:
+            return {n.removesuffix(".npy") for n in zf.namelist()} == set(LOAD_KEYS)
     except (OSError, ValueError, zipfile.BadZipFile):
         return False
 
 
 def load_load_trace(path: str | os.PathLike) -> LoadTrace:
     src = str(path)
-    try:
-        z = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise TraceError(f"{src}: no such load trace file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise TraceError(f"{src}: not a readable .npz load trace ({e})") from None
-    with z:
-        if set(z.files) != set(LOAD_KEYS):
-            raise TraceError(f"{src}: a load-only trace has keys {list(LOAD_KEYS)}; found {sorted(z.files)}")
-        try:
-            arrays = {k: z[k] for k in LOAD_KEYS}
-        except ValueError as e:
-            raise TraceError(f"{src}: unreadable array ({e})") from None
+    arrays = read_npz(path, "load trace", TraceError)
+    if set(arrays) != set(LOAD_KEYS):
+        raise TraceError(f"{src}: a load-only trace has keys {list(LOAD_KEYS)}; found {sorted(arrays)}")
     ne = arrays["num_experts"]
     if ne.shape != () or ne.dtype.kind not in "iu":
         raise TraceError(f"{src}: key 'num_experts': expected an integer scalar, got {ne.dtype} shape {list(ne.shape)}")
-    try:
-        meta = json.loads(str(arrays["meta"][()]))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, TypeError) as e:
-        raise TraceError(f"{src}: key 'meta': expected a JSON object string ({e})") from None
+    meta = parse_meta(arrays["meta"], src)
     t = object.__new__(LoadTrace)
     for k, v in dict(expert_load=arrays["expert_load"], layer_ids=arrays["layer_ids"], num_experts=int(ne), meta=meta).items():
         object.__setattr__(t, k, v)
     validate_load_trace(t, src)
+    if not t.expert_load.any():
+        raise TraceError(f"{src}: key 'expert_load': every count is 0: no routed tokens to balance")
     return t
 
 

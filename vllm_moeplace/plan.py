@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.jsonio import read_json, write_text_atomic
+from vllm_moeplace.limits import MAX_EP_SIZE, MAX_EXPERTS, MAX_LAYERS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PLAN_FORMAT = "vllm-moeplace/plan"
@@ -50,30 +51,39 @@ class PlanError(MoeplaceError):
     """A plan is malformed or does not fit the model / server. The message names file, field, value."""
 
 
+# Strict: JSON `"3"`, `true` or `3.0` is not an expert id (lax parsing would read them as 3 and 1),
+# and every size is bounded before anything is allocated from it (limits.py).
+Int = Annotated[int, Field(strict=True)]
+ExpertId = Annotated[int, Field(strict=True, ge=0, lt=MAX_EXPERTS)]
+LayerIndex = Annotated[int, Field(strict=True, ge=0, lt=MAX_LAYERS)]
+RankId = Annotated[int, Field(strict=True, ge=0, lt=MAX_EP_SIZE)]
+Cost = Annotated[float, Field(strict=True, ge=0.0)]  # strict float still takes JSON integers
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: Annotated[str, Field(strict=True)]
     """Model name or path the plan was computed for (informational; not matched against the server)."""
-    num_experts: int = Field(gt=0)
-    """Logical routed experts per MoE layer."""
-    moe_layers: list[int]
+    num_experts: Int = Field(gt=0, le=MAX_EXPERTS)
+    """Logical routed experts per MoE layer (trace ids are int16: at most 32768)."""
+    moe_layers: list[LayerIndex]
     """Decoder-layer indices that are MoE layers in the model."""
 
 
 class RanksPerNode(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ranks_per_node: int = Field(gt=0)
+    ranks_per_node: Int = Field(gt=0, le=MAX_EP_SIZE)
     """Consecutive EP ranks form a node: ranks 0..G-1 on node 0, and so on."""
 
 
 class NodeGroups(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    nodes: list[list[int]]
+    nodes: list[list[RankId]]
     """Rank ids of each node; together a partition of 0..ep_size-1."""
-    link_cost: list[list[float]] | None = None
+    link_cost: list[list[Cost]] | None = None
     """Node-to-node cost matrix [num_nodes, num_nodes] (e.g. hop counts); default 0 on the
     diagonal and 1 elsewhere."""
 
@@ -87,11 +97,11 @@ class PlanModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: str
-    version: int
+    version: Int
     model: ModelInfo
-    ep_size: int = Field(gt=0)
+    ep_size: Int = Field(gt=0, le=MAX_EP_SIZE)
     topology: TopologySpec
-    layers: dict[str, list[list[int]]]
+    layers: dict[str, list[list[ExpertId]]]
     replica_rule: str | None = None
     """Version 2: how a token picks among an expert's copies (`replica.REPLICA_RULE`)."""
     solver: dict[str, Any] = Field(default_factory=dict)
@@ -139,6 +149,8 @@ class Topology:
 
     @classmethod
     def uniform(cls, ep_size: int, ranks_per_node: int) -> "Topology":
+        if not 0 < ep_size <= MAX_EP_SIZE:  # before the node lists and the node x node cost matrix
+            raise PlanError(f"topology: ep_size {ep_size} out of range 1..{MAX_EP_SIZE}")
         if ranks_per_node <= 0 or ep_size % ranks_per_node:
             raise PlanError(f"topology: ranks_per_node={ranks_per_node} does not divide ep_size={ep_size}")
         nodes = [list(range(i, i + ranks_per_node)) for i in range(0, ep_size, ranks_per_node)]
@@ -175,9 +187,12 @@ class Topology:
         n = len(spec.nodes)
         cost = None
         if spec.link_cost is not None:
+            rows = [len(row) for row in spec.link_cost]
+            if len(set(rows)) > 1:  # ragged: numpy would refuse with a traceback
+                raise PlanError(f"{where}.link_cost: ragged rows of lengths {rows[:8]}, expected [{n}, {n}] (one row per node)")
+            if (len(rows), rows[0] if rows else 0) != (n, n):
+                raise PlanError(f"{where}.link_cost: shape [{len(rows)}, {rows[0] if rows else 0}], expected [{n}, {n}] (one row per node)")
             cost = np.asarray(spec.link_cost, dtype=np.float64)
-            if cost.shape != (n, n):
-                raise PlanError(f"{where}.link_cost: shape {list(cost.shape)}, expected [{n}, {n}] (one row per node)")
             if not np.all(np.isfinite(cost)) or (cost < 0).any():
                 raise PlanError(f"{where}.link_cost: costs must be finite and >= 0")
         return cls(ep_size, spec.nodes, cost)
@@ -249,8 +264,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def _first_pydantic_error(src: str, e: ValidationError) -> PlanError:
-    err = e.errors()[0]
+def topology_error(e: ValidationError, topology: Any) -> dict[str, Any]:
+    """The error to report for a topology that failed the RanksPerNode | NodeGroups union: the
+    one of the member the input is shaped like (has `nodes` -> NodeGroups), not pydantic's first
+    ("ranks_per_node: Field required" for a node list with one bad cost)."""
+    other = "RanksPerNode" if isinstance(topology, dict) and "nodes" in topology else "NodeGroups"
+    errors = e.errors()
+    return next((err for err in errors if other not in map(str, err["loc"])), errors[0])
+
+
+def _first_pydantic_error(src: str, e: ValidationError, data: Any = None) -> PlanError:
+    topo = data.get("topology") if isinstance(data, dict) else None
+    err = topology_error(e, topo)
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("RanksPerNode", "NodeGroups")))
     value = err.get("input")
     shown = json.dumps(value)[:120] if not isinstance(value, dict) else "{...}"
@@ -274,7 +299,7 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
     try:
         m = PlanModel.model_validate(data)
     except ValidationError as e:
-        raise _first_pydantic_error(source, e) from None
+        raise _first_pydantic_error(source, e, data) from None
     _check_replica_rule(m, source)
     topo = Topology.from_spec(m.topology, m.ep_size, where=f"{source}: field 'topology'")
     layers: dict[int, np.ndarray] = {}
@@ -377,6 +402,17 @@ def validate_plan(plan: Plan) -> None:
             raise PlanError(f"{f}': experts {missing.tolist()[:8]} are on no rank")
     if len(slot_counts) > 1:
         raise PlanError(f"{src}: field 'layers': layers use different slot counts {sorted(slot_counts)}")
+
+
+def check_redundant_per_rank(redundant: int, num_experts: int, ep_size: int, flag: str = "--redundant-per-rank") -> None:
+    """A rank holds num_experts / ep_size experts plus `redundant` copies, at most one copy of each
+    expert: more is unplaceable (and, before this check, made the solver search for a long time)."""
+    per_rank = num_experts // max(ep_size, 1)
+    if not 0 <= redundant <= num_experts - per_rank:
+        raise PlanError(
+            f"{flag}: value {redundant} must be in 0..{num_experts - per_rank} (a rank holds {per_rank} of the "
+            f"{num_experts} experts and at most one copy of each)"
+        )
 
 
 def linear_layout(num_experts: int, ep_size: int) -> np.ndarray:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.limits import MAX_EXPERTS
+from vllm_moeplace.npzio import read_npz
 
 REQUIRED_KEYS = ("topk_ids", "layer_ids", "request_ids", "is_prefill", "num_experts", "meta")
 OPTIONAL_KEYS = ("topk_weights", "labels")
@@ -48,9 +49,10 @@ class Trace:
     meta: dict[str, Any] = field(default_factory=dict)
     topk_weights: np.ndarray | None = None  # float16 [T, L, K]
     labels: np.ndarray | None = None  # str [num_requests]
+    source: str = field(default="<trace>", compare=False)  # file it was read from, for messages
 
     def __post_init__(self) -> None:
-        validate_trace(self, "<trace>")
+        validate_trace(self, self.source)
 
     # ---- shape accessors ----------------------------------------------------------------------
     @property
@@ -81,6 +83,7 @@ class Trace:
             meta=dict(self.meta),
             topk_weights=None if self.topk_weights is None else self.topk_weights[mask],
             labels=self.labels,
+            source=self.source,
         )
 
     def split_by_request(self, train_fraction: float) -> tuple["Trace", "Trace"]:
@@ -92,7 +95,15 @@ class Trace:
         if not 0.0 < train_fraction < 1.0:
             raise TraceError(f"train_fraction must be in (0, 1), got {train_fraction}")
         reqs = np.unique(self.request_ids)
-        cut = reqs[int(np.ceil(len(reqs) * train_fraction)) - 1]
+        n_train = int(np.ceil(len(reqs) * train_fraction))
+        if n_train >= len(reqs):
+            # An empty held-out part would score plans on nothing (0/0 metrics): refuse, saying why.
+            raise TraceError(
+                f"{self.source}: key 'request_ids': train fraction {train_fraction:g} of its {len(reqs)} request(s) "
+                f"leaves the held-out split empty (the first {n_train} request(s) all train); lower the train "
+                "fraction or use a trace with more requests"
+            )
+        cut = reqs[n_train - 1]
         train = self.request_ids <= cut
         return self.select_tokens(train), self.select_tokens(~train)
 
@@ -126,8 +137,8 @@ def validate_trace(t: Trace, src: str) -> None:
     if t.is_prefill.dtype != np.bool_ or t.is_prefill.shape != (T,):
         raise _fail(src, "is_prefill", f"expected bool [{T}], got {t.is_prefill.dtype} shape {list(t.is_prefill.shape)}")
     E = t.num_experts
-    if not isinstance(E, (int, np.integer)) or E <= 0:
-        raise _fail(src, "num_experts", f"expected a positive integer, got {E!r}")
+    if not isinstance(E, (int, np.integer)) or isinstance(E, bool) or not 0 < E <= MAX_EXPERTS:
+        raise _fail(src, "num_experts", f"expected a positive integer <= {MAX_EXPERTS} (expert ids are int16), got {E!r}")
     if T:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= E:
@@ -151,47 +162,44 @@ def validate_trace(t: Trace, src: str) -> None:
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
-    """Read and validate a native `.npz` trace. Every failure is a TraceError naming the file."""
+    """Read and validate a native `.npz` trace. Every failure is a TraceError naming the file
+    (`npzio.read_npz`: no pickles, headers checked against the stored bytes before allocating)."""
     src = str(path)
-    try:
-        z = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise TraceError(f"{src}: no such trace file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise TraceError(f"{src}: not a readable .npz trace ({e})") from None
-    with z:
-        keys = set(z.files)
-        missing = [k for k in REQUIRED_KEYS if k not in keys]
-        if missing:
-            raise TraceError(f"{src}: missing key(s) {missing}; found {sorted(keys)}")
-        unknown = sorted(keys - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
-        if unknown:
-            raise TraceError(f"{src}: unknown key(s) {unknown}")
-        try:
-            ne, meta_raw = z["num_experts"], z["meta"]
-        except ValueError as e:  # an object (pickled) array
-            raise TraceError(f"{src}: key 'num_experts' or 'meta': unreadable array ({e})") from None
-        if ne.shape != () or ne.dtype.kind not in "iu":
-            raise _fail(src, "num_experts", f"expected an integer scalar, got {ne.dtype} shape {list(ne.shape)}")
-        try:
-            meta = json.loads(str(meta_raw[()]))
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, TypeError) as e:
-            raise _fail(src, "meta", f"expected a JSON object string ({e})") from None
-        arrays, opt = {}, {}
-        for k in ("topk_ids", "layer_ids", "request_ids", "is_prefill", *OPTIONAL_KEYS):
-            if k not in keys:
-                continue
-            try:  # e.g. an object (pickled) array, refused with allow_pickle=False
-                (arrays if k in REQUIRED_KEYS else opt)[k] = z[k]
-            except ValueError as e:
-                raise _fail(src, k, f"unreadable array ({e})") from None
+    z = read_npz(path, "trace", TraceError)
+    keys = set(z)
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    if missing:
+        raise TraceError(f"{src}: missing key(s) {missing}; found {sorted(keys)}")
+    unknown = sorted(keys - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise TraceError(f"{src}: unknown key(s) {unknown}")
+    ne = z["num_experts"]
+    if ne.shape != () or ne.dtype.kind not in "iu":
+        raise _fail(src, "num_experts", f"expected an integer scalar, got {ne.dtype} shape {list(ne.shape)}")
+    meta = parse_meta(z["meta"], src)
     t = object.__new__(Trace)  # validate with the file name in the message, then freeze
-    for k, v in dict(arrays, num_experts=int(ne), meta=meta, topk_weights=opt.get("topk_weights"), labels=opt.get("labels")).items():
+    fields = {k: z[k] for k in ("topk_ids", "layer_ids", "request_ids", "is_prefill")}
+    fields.update(num_experts=int(ne), meta=meta, topk_weights=z.get("topk_weights"), labels=z.get("labels"), source=src)
+    for k, v in fields.items():
         object.__setattr__(t, k, v)
     validate_trace(t, src)
+    if t.num_tokens == 0:
+        raise _fail(src, "topk_ids", "the trace has zero tokens: nothing to place, score or analyse")
     return t
+
+
+def parse_meta(raw: np.ndarray, src: str) -> dict[str, Any]:
+    """The `meta` key: a string scalar holding a JSON object (free-form provenance, so any JSON
+    value is kept; only the type is checked)."""
+    if raw.shape != () or raw.dtype.kind not in "US":
+        raise _fail(src, "meta", f"expected a JSON object string, got {raw.dtype} shape {list(raw.shape)}")
+    try:
+        meta = json.loads(str(raw[()]))
+    except (ValueError, RecursionError) as e:
+        raise _fail(src, "meta", f"expected a JSON object string ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise _fail(src, "meta", f"expected a JSON object string, got {type(meta).__name__}")
+    return meta
 
 
 def save_trace(path: str | os.PathLike, t: Trace) -> None:

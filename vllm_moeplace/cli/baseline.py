@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.plan import check_redundant_per_rank
 from vllm_moeplace.solver.baselines import BASELINES, baseline_plan
 from vllm_moeplace.solver.metrics import evaluate_plan
 from vllm_moeplace.solver.topology_file import describe, resolve_topology
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     topology = resolve_topology(args.ep_size, args.ranks_per_node, args.topology)
+    check_redundant_per_rank(args.redundant_per_rank, trace.num_experts, topology.ep_size)
     if not 0.0 < args.train_fraction <= 1.0:
         raise MoeplaceError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     train = trace if args.train_fraction == 1.0 else trace.split_by_request(args.train_fraction)[0]

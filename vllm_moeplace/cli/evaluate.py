@@ -21,7 +21,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from vllm_moeplace.plan import Plan, Topology, load_plan
+from vllm_moeplace.plan import Plan, Topology, check_redundant_per_rank, load_plan
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.solver.baselines import BASELINES, available_baselines, baseline_layers
 from vllm_moeplace.solver.metrics import METRIC_NAMES, Metrics, check_plan_fits_trace, evaluate_layers
@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if len({json.dumps(p.topology.to_json(), sort_keys=True) for _, p in plans}) > 1:
         notes.append(f"plans use different topologies; baselines use the first plan's ({describe(topology)})")
     red = args.redundant_per_rank
+    if red is not None:
+        check_redundant_per_rank(red, trace.num_experts, topology.ep_size)
     if red is None:
         red = 0
         if plans:

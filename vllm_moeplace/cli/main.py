@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+from typing import NoReturn
 
+from vllm_moeplace.cli.flags import Kind, OutputGuard, check_output, harden_numeric_flags
 from vllm_moeplace.errors import MoeplaceError
 
 # name -> (module, one-line help)
@@ -28,6 +31,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vllm_moeplace.cli.bench", "serving benchmark: default layout vs plans on real vLLM"),
     "demo": ("vllm_moeplace.cli.demo", "the main job end to end on the embedded default"),
 }
+
+
+# Outputs each command writes (argparse dest -> file or folder): checked before the command runs,
+# and removed again if it fails (cli/flags.py).
+OUTPUTS: dict[str, dict[str, Kind]] = {
+    "random-plan": {"out": "file"},
+    "import": {"out": "file"},
+    "analyze": {"out": "dir"},
+    "synth": {"out": "file"},
+    "solve": {"out": "file"},
+    "baseline": {"out": "file"},
+    "export": {"out": "file"},
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (`moeplace solve: error: argument --seed: ...`), like every other
+    error; `--help` still prints the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,14 +76,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"moeplace: command '{name}' is not available in this build", file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"moeplace {name}", description=help_)
+    parser = OneLineParser(prog=f"moeplace {name}", description=help_)
     module.add_arguments(parser)
+    harden_numeric_flags(parser)
     args = parser.parse_args(rest)
+    outputs = [(dest, kind) for dest, kind in OUTPUTS.get(name, {}).items() if getattr(args, dest, None) is not None]
     try:
-        return int(module.run(args) or 0)
+        for dest, kind in outputs:
+            check_output(str(getattr(args, dest)), f"--{dest.replace('_', '-')}", kind)
+        with OutputGuard([(Path(getattr(args, dest)), kind) for dest, kind in outputs]):
+            return int(module.run(args) or 0)
     except MoeplaceError as e:
-        print(f"moeplace {name}: error: {e}", file=sys.stderr)
+        print(f"moeplace {name}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+
+
+def _one_line(msg: str) -> str:
+    """Messages quote input values, which may hold newlines: keep the error on one line."""
+    return msg.replace("\r", "\\r").replace("\n", "\\n")
 
 
 if __name__ == "__main__":

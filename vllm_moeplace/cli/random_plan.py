@@ -8,29 +8,29 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
-from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.plan import Plan, Topology
 
 
 def model_moe_info(model_dir: str | Path) -> tuple[str, int, list[int]]:
-    """(architecture, num routed experts, MoE decoder-layer indices) from a model's config.json."""
+    """(architecture, num routed experts, MoE decoder-layer indices) from a model's config.json,
+    read and checked as the server checks it (`serving.validate.model_moe_facts`)."""
     from vllm_moeplace.serving.arch import ARCHITECTURES, arch_for
+    from vllm_moeplace.serving.validate import model_moe_facts, read_model_config
 
-    cfg_path = Path(model_dir) / "config.json"
-    raw = read_json(cfg_path, "model config", MoeplaceError)
-    arch = arch_for(raw.get("architectures"))
+    cfg, cfg_path = read_model_config(model_dir)
+    archs = getattr(cfg, "architectures", None)
+    arch = arch_for(archs if isinstance(archs, list) and all(isinstance(a, str) for a in archs) else None)
     if arch is None:
         raise MoeplaceError(
-            f"{cfg_path}: field 'architectures': value {raw.get('architectures')}: not a supported MoE "
+            f"{cfg_path}: field 'architectures': value {archs}: not a supported MoE "
             f"architecture ({', '.join(ARCHITECTURES)})"
         )
-    cfg = SimpleNamespace(**raw)
-    return arch.name, arch.num_experts(cfg), arch.moe_layers(cfg)
+    num_experts, moe_layers = model_moe_facts(arch, cfg, cfg_path)
+    return arch.name, num_experts, moe_layers
 
 
 def random_plan(

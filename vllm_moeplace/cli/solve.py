@@ -11,7 +11,7 @@ import argparse
 from pydantic import ValidationError
 
 from vllm_moeplace.errors import MoeplaceError
-from vllm_moeplace.plan import Topology, linear_layout
+from vllm_moeplace.plan import Topology, check_redundant_per_rank, linear_layout
 from vllm_moeplace.trace import load_trace
 
 
@@ -72,18 +72,17 @@ def _topology(args: argparse.Namespace) -> Topology:
 
 def model_n_group(path: str) -> int:
     """n_group from a Hugging Face model folder's config.json (or the file itself)."""
-    import json
     from pathlib import Path
+
+    from vllm_moeplace.jsonio import read_json
 
     f = Path(path)
     if f.is_dir():
         f = f / "config.json"
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise MoeplaceError(f"--model {path}: cannot read {f}: {e}") from None
-    n = cfg.get("n_group", (cfg.get("text_config") or {}).get("n_group"))
-    if not isinstance(n, int) or n < 1:
+    cfg = read_json(f, "model config", MoeplaceError)  # the shared safe reader (UTF-8, depth, NaN)
+    text = cfg.get("text_config") if isinstance(cfg, dict) else None
+    n = cfg.get("n_group", text.get("n_group") if isinstance(text, dict) else None) if isinstance(cfg, dict) else None
+    if type(n) is not int or n < 1:
         raise MoeplaceError(f"--model {path}: {f} has no positive integer n_group (got {n!r}); pass --preserve-groups N")
     return n
 
@@ -140,6 +139,7 @@ def _run_balance(args: argparse.Namespace, load_only: bool) -> int:
         trace = load_trace(args.trace)
         load = LoadTrace(expert_load=expert_load(trace)[None].astype(np.int64), layer_ids=trace.layer_ids,
                          num_experts=trace.num_experts, meta=dict(trace.meta, format="native trace counts"))
+    check_redundant_per_rank(args.redundant_per_rank, load.num_experts, topology.ep_size)
     plan = balance_plan(load, topology, args.redundant_per_rank, model_name=args.model_name,
                         extra={"trace": str(args.trace)})
     plan.save(args.out)
@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoeplaceError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
     topology = _topology(args)
     trace = load_trace(args.trace)
+    check_redundant_per_rank(opts.redundant_per_rank, trace.num_experts, topology.ep_size)  # else a long futile search
     meta_name = trace.meta.get("model") if isinstance(trace.meta, dict) else None
     plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace)
     plan.save(args.out)

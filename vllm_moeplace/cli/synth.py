@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from vllm_moeplace.errors import MoeplaceError
+from vllm_moeplace.limits import MAX_TRACE_IDS
 from vllm_moeplace.solver.synth import SynthConfig, synth_trace
 from vllm_moeplace.trace import save_trace
 
@@ -33,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    ids = args.tokens * args.layers * args.top_k
+    if ids > MAX_TRACE_IDS:  # checked before synth_trace allocates [T, L, K] (and more beside it)
+        raise MoeplaceError(f"--tokens {args.tokens} x --layers {args.layers} x --top-k {args.top_k} = {ids} expert ids: "
+                            f"more than the {MAX_TRACE_IDS} a trace may hold (tokens x layers x top_k)")
     cfg = SynthConfig(
         num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, num_tokens=args.tokens,
         seed=args.seed, num_requests=args.requests, num_domains=args.domains, first_layer=args.first_layer,

@@ -8,10 +8,14 @@ each worker before weights load (cheap; guards against a file changed in between
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vllm_moeplace.limits import MAX_EXPERTS, MAX_LAYERS
 from vllm_moeplace.plan import Plan, PlanError
 from vllm_moeplace.serving.arch import ARCHITECTURES, MoeArch, arch_for
 
@@ -33,8 +37,62 @@ def server_ep_size(parallel_config: Any) -> int:
     )
 
 
-def check_plan_fits(plan: Plan, hf_config: Any, ep_enabled: bool, ep_size: int) -> MoeArch:
-    """The model/server checks that need no vLLM import (unit-testable on an HF config)."""
+def _config_int(hf_config: Any, attr: str, lo: int, hi: int, model_src: str) -> int:
+    """An integer field of the model config, refused (not coerced) when it is a string, a bool, a
+    float or out of lo..hi: int("8"), int(8.5) and int(True) would otherwise pass as 8, 8 and 1."""
+    value = getattr(hf_config, attr, None)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise PlanError(f"{model_src}: field '{attr}': value {value!r}: expected an integer in {lo}..{hi}")
+    return int(value)
+
+
+def read_model_config(model_dir: str | os.PathLike) -> tuple[Any, str]:
+    """(config.json of a model folder as an attribute namespace, its path): what `moeplace
+    validate --model` and `random-plan --model` read, through the one safe JSON reader."""
+    from vllm_moeplace.jsonio import read_json
+
+    path = Path(model_dir) / "config.json"
+    data = read_json(path, "model config", PlanError)
+    if not isinstance(data, dict):
+        raise PlanError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return _namespace(data), str(path)
+
+
+def _namespace(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return SimpleNamespace(**{str(k): _namespace(v) for k, v in obj.items()})
+    return obj
+
+
+def model_moe_facts(arch: MoeArch, hf_config: Any, model_src: str = "model config") -> tuple[int, list[int]]:
+    """(routed experts, MoE decoder layers) of a model config, every field the answer depends on
+    type- and range-checked first, so a malformed config.json is one error naming the field
+    instead of a TypeError, a silent int() coercion or a billion-entry layer list."""
+    attr = next((a for a in arch.num_experts_attrs if getattr(hf_config, a, None) is not None), None)
+    if attr is None:
+        raise PlanError(f"{model_src}: field '{arch.num_experts_attrs[0]}': missing: {arch.name} needs the number "
+                        "of routed experts")
+    if not isinstance(getattr(hf_config, attr), (list, tuple)):  # ERNIE-VL lists text/vision experts
+        _config_int(hf_config, attr, 1, MAX_EXPERTS, model_src)
+    _config_int(hf_config, "num_hidden_layers", 1, MAX_LAYERS, model_src)
+    for opt in ("first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step", "moe_layer_interval",
+                "moe_layer_start_index", "n_group", "num_expert_group"):
+        if getattr(hf_config, opt, None) is not None:
+            _config_int(hf_config, opt, 0 if opt in ("first_k_dense_replace", "moe_layer_start_index") else 1,
+                        MAX_LAYERS, model_src)
+    try:
+        experts, layers = arch.num_experts(hf_config), arch.moe_layers(hf_config)
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. a list where a number belongs
+        raise PlanError(f"{model_src}: not a valid {arch.name} config ({type(e).__name__}: {e})") from None
+    if not 0 < experts <= MAX_EXPERTS:
+        raise PlanError(f"{model_src}: field '{attr}': value {experts}: expected 1..{MAX_EXPERTS} routed experts")
+    return experts, layers
+
+
+def check_plan_fits(plan: Plan, hf_config: Any, ep_enabled: bool, ep_size: int, model_src: str = "the model") -> MoeArch:
+    """The model/server checks that need no vLLM import (unit-testable on an HF config). The
+    server runs them at config time; `moeplace validate --model DIR [--ep-size N]` runs exactly
+    these, so both accept and refuse the same plans. `model_src` names the config in messages."""
     src = plan.source
     if not ep_enabled:
         raise PlanError(
@@ -46,25 +104,33 @@ def check_plan_fits(plan: Plan, hf_config: Any, ep_enabled: bool, ep_size: int) 
             f"{src}: field 'ep_size': value {plan.ep_size} but the server's EP size is {ep_size} "
             "(tensor_parallel_size x data_parallel_size x prefill_context_parallel_size)"
         )
-    archs = list(getattr(hf_config, "architectures", None) or [])
+    raw = getattr(hf_config, "architectures", None)
+    # a string or a list of non-strings is not an architectures list (list("Qwen...") is letters)
+    archs = [a for a in raw if isinstance(a, str)] if isinstance(raw, (list, tuple)) else []
     arch = arch_for(archs)
     if arch is None:
         raise PlanError(
-            f"{src}: field 'model': value {archs}: architecture not supported by the placement plugin "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"{src}: field 'model': value {archs or raw!r}: architecture not supported by the placement plugin "
+            f"({model_src} field 'architectures'; supported: {', '.join(ARCHITECTURES)})"
         )
-    E = arch.num_experts(hf_config)
+    E, moe_layers = model_moe_facts(arch, hf_config, model_src)
     if plan.num_experts != E:
         raise PlanError(
-            f"{src}: field 'model.num_experts': value {plan.num_experts} but the model has {E} routed experts"
+            f"{src}: field 'model.num_experts': value {plan.num_experts} but {model_src} has {E} routed experts"
         )
-    moe_layers = arch.moe_layers(hf_config)
     for layer in sorted(plan.layers):
         if layer not in moe_layers:
             raise PlanError(
                 f"{src}: field 'layers.{layer}': layer {layer} is not a MoE layer of the model "
                 f"(MoE layers: {_ranges(moe_layers)})"
             )
+    if sorted(plan.moe_layers) != sorted(moe_layers):
+        # The plan's own list decides which layers it calls MoE (and so which it must place when it
+        # is served by the mapping mechanism): it must be the model's, not merely contain the placed ones.
+        raise PlanError(
+            f"{src}: field 'model.moe_layers': value {plan.moe_layers}, but {model_src} makes layers {moe_layers} "
+            "MoE layers"
+        )
     mech = mechanism(plan, arch, hf_config)
     if mech == MAP:
         missing = sorted(set(moe_layers) - set(plan.layers))

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.jsonio import read_json
-from vllm_moeplace.plan import NodeGroups, RanksPerNode, Topology, TopologySpec, write_json_atomic
+from vllm_moeplace.plan import NodeGroups, RanksPerNode, Topology, TopologySpec, topology_error, write_json_atomic
 
 
 class TopologyError(MoeplaceError):
@@ -41,7 +41,7 @@ def parse_topology(data: object, ep_size: int | None = None, source: str = "<top
     try:
         spec = _SPEC.validate_python(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = topology_error(e, data)
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("RanksPerNode", "NodeGroups")))
         raise TopologyError(f"{source}: field '{loc}': {err['msg']} (value {json.dumps(err.get('input'))[:120]})") from None
     if ep_size is None:

@@ -58,6 +58,8 @@ def expand_sources(src: Sequence[str | Path], pattern: str, what: str) -> list[P
 
 def resolve_num_experts(max_id: int, opts: ImportOptions, default: int | None, notes: list[str], where: str) -> int:
     """The trace's `num_experts`: the user's value, else the format default, else max id + 1 (noted)."""
+    if max_id > INT16_MAX:  # before anything is cast to the trace's int16: an error, never a wrap-around
+        raise TraceImportError(f"{where}: expert id {max_id} does not fit the trace's int16 ids (at most {INT16_MAX})")
     if opts.num_experts is not None:
         if opts.num_experts <= 0 or opts.num_experts > INT16_MAX + 1:
             raise TraceImportError(f"--num-experts must be in 1..{INT16_MAX + 1}, got {opts.num_experts}")

@@ -68,8 +68,9 @@ def _read_file(path: Path) -> tuple[list[int], list[np.ndarray]]:
                     raise TraceImportError(f"{where}: negative 'Layer ID' {layer} or 'Batch Number' {batch}")
                 try:
                     ids = json.loads(ids_s)
-                except json.JSONDecodeError as e:
-                    raise TraceImportError(f"{where}: 'Activated Expert IDs' is not a JSON list: {ids_s!r} ({e.msg})") from None
+                except (ValueError, RecursionError) as e:  # also a 5000-digit number or [[[[...]]]]
+                    raise TraceImportError(f"{where}: 'Activated Expert IDs' is not a JSON list: {ids_s[:80]!r} "
+                                           f"({getattr(e, 'msg', type(e).__name__)})") from None
                 if not isinstance(ids, list) or not ids or not all(type(x) is int for x in ids):
                     raise TraceImportError(f"{where}: 'Activated Expert IDs' must be a non-empty JSON list of integers, got {ids_s!r}")
                 if top_k is None:

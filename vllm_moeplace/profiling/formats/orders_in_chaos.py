@@ -16,12 +16,12 @@ MoE layers are the keys that are non-null in step 0; every step of every file mu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.profiling.formats.common import (
     ImportOptions,
     TraceImportError,
@@ -58,10 +58,7 @@ def _collect(src: Sequence[str | Path], label: str | None) -> list[tuple[Path, s
 
 def _read_file(path: Path) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(MoE decoder-layer ids, ids [tokens, L, K], is_prefill [tokens]) of one query file."""
-    try:
-        steps = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TraceImportError(f"{path}: not a readable JSON file ({e})") from None
+    steps = read_json(path, "orders-in-chaos query file", TraceImportError)  # UTF-8, depth, NaN, size
     if not isinstance(steps, list) or not steps:
         raise TraceImportError(f"{path}: expected a non-empty JSON list of steps, got {type(steps).__name__}")
     moe_layers: list[int] | None = None

@@ -19,7 +19,6 @@ mapped back without the assignment it ran with and is refused when `--num-expert
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from vllm_moeplace.load_trace import LoadTrace
+from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.profiling.formats.common import ImportOptions, TraceImportError
 from vllm_moeplace.profiling.formats.safetensors_np import read_safetensors
 from vllm_moeplace.trace import TraceError
@@ -43,12 +43,9 @@ def _folder(src: Sequence[str | Path]) -> Path:
 
 def _meta(folder: Path) -> dict:
     path = folder / "meta_info.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TraceImportError(f"{path}: missing (TensorRT-LLM rank 0 writes it beside rank*.safetensors)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TraceImportError(f"{path}: not a readable JSON file ({e})") from None
+    if not path.exists():
+        raise TraceImportError(f"{path}: missing (TensorRT-LLM rank 0 writes it beside rank*.safetensors)")
+    meta = read_json(path, "TensorRT-LLM meta_info.json", TraceImportError)
     for k in ("num_experts", "num_experts_per_token"):
         v = meta.get(k) if isinstance(meta, dict) else None
         if type(v) is not int or v <= 0:

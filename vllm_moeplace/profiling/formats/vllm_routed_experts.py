@@ -23,7 +23,6 @@ and the rest keep their index as decoder-layer id; both cases leave a note in me
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -35,16 +34,14 @@ from vllm_moeplace.profiling.formats.common import (
     assemble,
     natural_key,
 )
+from vllm_moeplace.npzio import read_npy, read_npz
 from vllm_moeplace.trace import Trace
 
 RESERVED = ("prompt_lens", "labels")
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise TraceImportError(f"{path}: not a readable .npy array ({e})") from None
+    return read_npy(path, "routed-experts array", TraceImportError)  # no pickles, header vs size
 
 
 def _collect(src: Sequence[str | Path]) -> tuple[list[tuple[str, np.ndarray]], dict[str, tuple[str, np.ndarray]]]:
@@ -69,12 +66,9 @@ def _collect(src: Sequence[str | Path]) -> tuple[list[tuple[str, np.ndarray]], d
             for f in files:
                 add(f.stem, str(f), _load_npy(f))
         elif p.is_file() and p.suffix == ".npz":
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    for name in sorted(z.files, key=natural_key):
-                        add(name, f"{p}:{name}", z[name])
-            except (OSError, ValueError, zipfile.BadZipFile) as e:
-                raise TraceImportError(f"{p}: not a readable .npz file ({e})") from None
+            z = read_npz(p, "routed-experts archive", TraceImportError)
+            for name in sorted(z, key=natural_key):
+                add(name, f"{p}:{name}", z[name])
         elif p.is_file():
             add(p.stem, str(p), _load_npy(p))
         else:
