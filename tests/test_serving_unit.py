@@ -421,3 +421,64 @@ def test_cpu_ep_fix_covers_every_cpu_experts_class_that_ignores_expert_map():
         if not was:
             cpu_ep_fix.uninstall()
     assert cpu_ep_fix.is_installed() == was
+
+
+# --------------------------------------------------------------------------- fused 3-D experts (Llama-4)
+def _llama4_checkpoint(E=8, H=4, I=3, layers=(0, 1)):
+    g = torch.Generator().manual_seed(0)
+    ck = {}
+    for l in layers:
+        pre = f"model.layers.{l}.feed_forward."
+        ck[pre + "router.weight"] = torch.randn(E, H, generator=g)
+        ck[pre + "experts.gate_up_proj"] = torch.randn(E, H, 2 * I, generator=g)
+        ck[pre + "experts.down_proj"] = torch.randn(E, I, H, generator=g)
+        ck[pre + "shared_expert.gate_proj.weight"] = torch.randn(I, H, generator=g)
+    return ck
+
+
+def test_fused_experts_rows_gathered_for_both_mechanisms():
+    """Llama-4 stores a layer's experts as one [E, ...] tensor: permute gathers its rows (and the
+    router's) into the plan's physical order; map gathers R*S rows, copies included, and leaves
+    the router alone (it scores logical experts; the table maps them after top-k)."""
+    from vllm_moeplace.serving.remap import FusedGather
+
+    arch = ARCHITECTURES["Llama4ForCausalLM"]
+    ck = _llama4_checkpoint()
+    perm = [3, 0, 5, 6, 1, 2, 7, 4]
+    remapper = WeightRemapper(make_plan({1: [perm[:4], perm[4:]]}), arch)
+    out = dict(remapper(ck.items()))
+    remapper.check_complete()
+    pre = "model.layers.1.feed_forward."
+    for name in ("router.weight", "experts.gate_up_proj", "experts.down_proj"):
+        assert torch.equal(out[pre + name], ck[pre + name][perm]), name
+    for name in ("model.layers.0.feed_forward.experts.gate_up_proj", pre + "shared_expert.gate_proj.weight"):
+        assert out[name] is ck[name]  # unplanned layer, shared expert: untouched
+
+    copies = [[3, 0, 5, 6, 1], [1, 2, 7, 4, 3]]  # expert 3 on both ranks, expert 1 on both
+    gather = FusedGather(make_plan({1: copies}), arch)
+    out = dict(gather(ck.items()))
+    gather.check_complete()
+    rows = [3, 0, 5, 6, 1, 1, 2, 7, 4, 3]
+    assert out[pre + "experts.gate_up_proj"].shape[0] == 10
+    assert torch.equal(out[pre + "experts.down_proj"], ck[pre + "experts.down_proj"][rows])
+    assert out[pre + "router.weight"] is ck[pre + "router.weight"]
+
+
+def test_fused_architecture_refuses_per_expert_tensors_and_missing_fused_tensors():
+    from vllm_moeplace.serving.remap import FusedGather
+
+    arch = ARCHITECTURES["Llama4ForCausalLM"]
+    plan = make_plan({1: [[3, 0, 5, 6], [1, 2, 7, 4]]})
+    per_expert = {"model.layers.1.feed_forward.experts.0.gate_proj.weight": torch.zeros(3, 4)}
+    with pytest.raises(PlanError, match=r"per-expert tensor in a checkpoint of a fused-expert architecture"):
+        dict(WeightRemapper(plan, arch)(per_expert.items()))
+    with pytest.raises(PlanError, match=r"not in the placement table"):
+        dict(FusedGather(plan, arch)(per_expert.items()))
+    ck = {k: v for k, v in _llama4_checkpoint().items() if not k.endswith("layers.1.feed_forward.experts.down_proj")}
+    for stream in (WeightRemapper(plan, arch), FusedGather(plan, arch)):
+        dict(stream(ck.items()))
+        with pytest.raises(PlanError, match=r"fused expert tensor 'feed_forward.experts.down_proj' did not arrive for planned layers \[1\]"):
+            stream.check_complete()
+    bad = {"model.layers.1.feed_forward.experts.gate_up_proj": torch.zeros(6, 4, 6)}
+    with pytest.raises(PlanError, match=r"fused expert tensor has shape \(6, 4, 6\), expected 8 experts"):
+        dict(WeightRemapper(plan, arch)(bad.items()))

@@ -13,10 +13,10 @@ def test_builds_loadable_moe_checkpoint(tiny_model_factory, arch):
     import torch
     import transformers
 
-    dense = 0 if arch in ("mixtral", "olmoe", "minimax_m2") else 1
-    path = tiny_model_factory(arch=arch, num_layers=3, first_dense_layers=dense, num_experts=8, top_k=2)
+    dense = 0 if arch in ("mixtral", "olmoe", "minimax_m2", "llama4") else 1
+    path = tiny_model_factory(arch=arch, num_layers=3, first_dense_layers=dense, num_experts=8, top_k=1 if arch == "llama4" else 2)
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["model_type"] == {"ernie45_moe": "ernie4_5_moe"}.get(arch, arch)
+    assert cfg["model_type"] == {"ernie45_moe": "ernie4_5_moe", "llama4": "llama4_text"}.get(arch, arch)
     meta = json.loads((path / "moeplace_tiny_model.json").read_text())
     assert meta["moe_layers"] == list(range(dense, 3))
     # the serving plugin's architecture table reads the same MoE layers and expert count

@@ -19,7 +19,7 @@ from pathlib import Path
 from vllm_moeplace.errors import MoeplaceError
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "glm4_moe", "ernie45_moe",
-         "minimax_m2")
+         "minimax_m2", "llama4")
 
 # A small, varied corpus for the tokenizer and the default prompt set: code, science, chat, maths,
 # so that a profiled trace has domain labels with different routing.
@@ -88,6 +88,10 @@ class TinyModelSpec:
             raise MoeplaceError(
                 f"tiny-model: first_dense_layers={self.first_dense_layers} must leave a MoE layer among {self.num_layers}"
             )
+        if self.arch == "llama4" and self.top_k != 1:
+            # vLLM applies Llama-4's router weight on the input, implemented for top-1 only
+            # (prepare_finalize/no_dp_ep.py), as the released models route
+            raise MoeplaceError(f"tiny-model: llama4 routes top-1 (top_k={self.top_k} given)")
         if self.num_groups < 1 or self.num_experts % self.num_groups:
             raise MoeplaceError(f"tiny-model: num_groups={self.num_groups} must divide num_experts={self.num_experts}")
         if self.num_groups > 1 and self.arch not in ("deepseek_v3", "glm4_moe"):
@@ -172,6 +176,19 @@ def _hf_config(spec: TinyModelSpec):
             moe_num_experts=spec.num_experts, moe_k=spec.top_k, moe_layer_start_index=spec.first_dense_layers,
             moe_layer_interval=1, moe_num_shared_experts=0, head_dim=head_dim,
         )
+    if spec.arch == "llama4":
+        # Llama-4 text model (Scout-style: every layer MoE): fused 3-D experts, top-1 sigmoid router
+        # applied on the input, a shared expert. vLLM reads interleave_moe_layer_step, not moe_layers.
+        if spec.first_dense_layers:
+            raise MoeplaceError("tiny-model: llama4 is built with every layer MoE (first_dense_layers must be 0)")
+        common.pop("pad_token_id")
+        cfg = transformers.Llama4TextConfig(
+            **common, intermediate_size=spec.moe_intermediate_size, intermediate_size_mlp=spec.moe_intermediate_size * 2,
+            num_local_experts=spec.num_experts, num_experts_per_tok=spec.top_k, interleave_moe_layer_step=1,
+            head_dim=head_dim, attention_chunk_size=8192, use_qk_norm=False,
+        )
+        cfg.architectures = ["Llama4ForCausalLM"]
+        return cfg
     if spec.arch == "minimax_m2":
         if spec.first_dense_layers:
             raise MoeplaceError("tiny-model: minimax_m2 has no dense layers (first_dense_layers must be 0)")
@@ -275,7 +292,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None, **o
     # distinct, input-dependent scores, as in a trained model.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")) or ".mlp.gate." in name and name.endswith("weight") and p.dim() == 2 and p.shape[0] == spec.num_experts:
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "feed_forward.router.weight")) or ".mlp.gate." in name and name.endswith("weight") and p.dim() == 2 and p.shape[0] == spec.num_experts:
                 p.normal_(0.0, 0.5)
             if spec.arch.startswith("deepseek") and name == "lm_head.weight":
                 # vLLM's CPU MLA attention is not bit-reproducible run to run (../shared notes), so

@@ -51,6 +51,15 @@ def _ernie_moe_layers(cfg: Any) -> list[int]:
     return [i for i in range(cfg.num_hidden_layers) if (i + 1) % step == 0 and start <= i <= end]
 
 
+def _llama4_moe_layers(cfg: Any) -> list[int]:
+    # vLLM llama4.py Llama4DecoderLayer: MoE iff interleave_moe_layer_step > 0 and
+    # (layer + 1) % interleave_moe_layer_step == 0 (HF's `moe_layers` list is not read by vLLM).
+    step = getattr(cfg, "interleave_moe_layer_step", 1)
+    if not getattr(cfg, "num_local_experts", None) or not step or step <= 0:
+        return []
+    return [i for i in range(cfg.num_hidden_layers) if (i + 1) % step == 0]
+
+
 def _deepseek_moe_layers(cfg: Any) -> list[int]:
     # vLLM deepseek_v2.py DeepseekV2DecoderLayer: first_k_dense_replace dense layers, then MoE
     # every moe_layer_freq layers. MTP layers (index >= num_hidden_layers) are not main-model layers.
@@ -76,6 +85,12 @@ class MoeArch:
     untouched_prefixes: tuple[str, ...]
     """Tensors after `{block}.` that are not per routed expert (shared experts and their gate)."""
     moe_layers: Callable[[Any], list[int]]
+    fused_experts: tuple[str, ...] = ()
+    """Tensors after `{block}.` that hold ALL experts of a layer stacked on dim 0 (Llama-4's
+    `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj` [E, I, H]). vLLM's loader for them
+    takes the rows of this rank's physical ids from its expert map (llama4.py
+    `load_moe_expert_weights`), so the plan is applied by gathering their rows into physical
+    order in the checkpoint stream (remap.py), for both mechanisms."""
     permute: bool = True
     """The permutation mechanism is audited for this architecture (block, router rows, untouched
     tensors exact). False: plans are always served by the mapping mechanism (serving/mapping.py),
@@ -174,6 +189,17 @@ ARCHITECTURES: dict[str, MoeArch] = {
             untouched_prefixes=(),
             moe_layers=_all_layers_if_experts("num_local_experts"),
             permute=False,
+        ),
+        # Llama-4 text checkpoints (Llama4ForCausalLM): fused 3-D experts, top-1 sigmoid router
+        # whose weight is applied to the input (vLLM llama4.py); a shared expert beside them.
+        MoeArch(
+            name="Llama4ForCausalLM",
+            block="feed_forward",
+            num_experts_attrs=("num_local_experts",),
+            router_rows=("router.weight",),
+            untouched_prefixes=("shared_expert.",),
+            moe_layers=_llama4_moe_layers,
+            fused_experts=("experts.gate_up_proj", "experts.down_proj"),
         ),
         MoeArch(
             name="DeepseekV3ForCausalLM",

@@ -123,8 +123,13 @@ def origin_span(moe_parallel_config: Any, ep_size: int) -> tuple[int, int]:
     return int(getattr(moe_parallel_config, "dp_rank", 0)) * tp, tp
 
 
-def install(model: Any, plan: Plan) -> int:
+def install(model: Any, plan: Plan, per_expert_loader: bool = True) -> int:
     """Steps 2 and 3 on a built (not yet loaded) model. Returns the number of layers mapped.
+
+    `per_expert_loader=False` (fused-expert architectures, e.g. Llama-4): vLLM's loader hands
+    RoutedExperts blocks of PHYSICAL rows taken by its own linear expert map, which the checkpoint
+    stream has already gathered into physical order (remap.FusedGather); the logical -> local slot
+    map of step 2 must then stay vLLM's.
 
     Refuses (PlanError) a layer vLLM did not build with R*S physical / S local experts, a router
     that has no logical->physical step, and monolithic kernels that route inside the kernel.
@@ -163,7 +168,8 @@ def install(model: Any, plan: Plan) -> int:
             # logical expert already placed through its id < E: skip them.
             return int(_local[expert_id]) if 0 <= expert_id < E else -1
 
-        experts._map_global_expert_id_to_local_expert_id = to_local
+        if per_expert_loader:
+            experts._map_global_expert_id_to_local_expert_id = to_local
         device = experts.w13_weight.device if hasattr(experts, "w13_weight") else torch.device("cpu")
         cand = torch.as_tensor(table.cand, dtype=torch.int64, device=device)
         count = torch.as_tensor(table.count, dtype=torch.int64, device=device)

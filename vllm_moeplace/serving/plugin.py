@@ -243,7 +243,7 @@ def _load_model(orig: Any, bound: inspect.BoundArguments, loader: Any, vllm_conf
         raise PlanError(f"{plan.source}: model loader {type(loader).__name__} is not supported with a plan")
     mech = mechanism(plan, arch, vllm_config.model_config.hf_config)
     if mech == MAP:
-        model, moved = _load_mapped(orig, bound, loader, plan, mapping)
+        model, moved = _load_mapped(orig, bound, loader, plan, arch, mapping)
     else:
         remapper = WeightRemapper(plan, arch)
         inner = loader.get_all_weights
@@ -325,23 +325,37 @@ def _refuse_weight_reload(source: str) -> None:
     gmr.reload_weights = reload_weights
 
 
-def _load_mapped(orig: Any, bound: inspect.BoundArguments, loader: Any, plan: Any, mapping: Any) -> tuple[Any, int]:
+def _load_mapped(
+    orig: Any, bound: inspect.BoundArguments, loader: Any, plan: Any, arch: Any, mapping: Any
+) -> tuple[Any, int]:
     """The mapping mechanism (serving/mapping.py): build the main model with R*S physical slots
     per MoE layer, install the per-layer loading map and logical->physical table between
-    construction and weight loading, then verify the built layout."""
+    construction and weight loading, then verify the built layout. Fused-expert architectures
+    get their expert tensors gathered into physical order in the stream instead of the per-expert
+    loading map (remap.FusedGather)."""
+    from vllm_moeplace.serving.remap import FusedGather
+
     inner = loader.load_weights
     installed: list[int] = []
+    fused = FusedGather(plan, arch) if arch.fused_experts else None
 
     def load_weights(model: Any, model_config: Any) -> Any:
-        installed.append(mapping.install(model, plan))
+        installed.append(mapping.install(model, plan, per_expert_loader=fused is None))
         return inner(model, model_config)
 
-    loader.load_weights = load_weights  # instance attribute, for this one load only
+    loader.load_weights = load_weights  # instance attributes, for this one load only
+    if fused is not None:
+        stream = loader.get_all_weights
+        loader.get_all_weights = lambda mc, model: fused(stream(mc, model))
     try:
         with mapping.physical_slots(plan):
             model = orig(*bound.args, **bound.kwargs)
     finally:
         del loader.load_weights
+        if fused is not None:
+            del loader.get_all_weights
+    if fused is not None:
+        fused.check_complete()
     verify_physical_layout(model, plan, physical=plan.ep_size * plan.slots_per_rank())
     for layer, runner in mapping.runners_by_layer(model).items():
         if layer in plan.layers and not mapping.is_installed(runner.router):

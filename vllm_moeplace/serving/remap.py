@@ -14,13 +14,20 @@ expert `plan.layers[l][r][s]`, i.e. physical p = r*S + s holds logical `perm[p]`
 The router then emits physical ids, every dispatch path sees vLLM's usual contiguous blocks, and
 the model computes exactly what it computed before (softmax/sigmoid top-k and renormalisation are
 permutation-equivariant). Zero runtime cost: nothing changes after loading.
+
+Architectures that store a layer's experts as fused 3-D tensors (Llama-4: `experts.gate_up_proj`
+[E, H, 2I], `experts.down_proj` [E, I, H]) have no per-expert names to rename: vLLM's loader takes
+the rows of this rank's physical ids from such a tensor itself. Their rows are gathered instead,
+`new[p] = old[perm[p]]`, the same gather as the router rows. `FusedGather` does the same for the
+mapping mechanism, with one row per physical slot (R*S rows, copies included) and the router left
+as it is.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
@@ -77,6 +84,7 @@ class WeightRemapper:
         self._re = re.compile(rf"^((?:model\.)?layers\.(\d+)\.{block}\.)(.*)$")
         self._expert_re = re.compile(r"^experts\.(\d+)\.(.+)$")
         self.seen_router: set[tuple[int, str]] = set()
+        self.seen_fused: set[tuple[int, str]] = set()
         self.renamed = 0
 
     def _fail(self, name: str, why: str) -> PlanError:
@@ -95,12 +103,20 @@ class WeightRemapper:
             return name, tensor
         head, rest = m.group(1), m.group(3)
         em = self._expert_re.match(rest)
+        if em is not None and self.arch.fused_experts:
+            # vLLM's loader of a fused-expert architecture places per-expert tensors without
+            # its expert map (llama4.py: no EP support for non-fused weights): refuse.
+            raise self._fail(name, "per-expert tensor in a checkpoint of a fused-expert architecture")
         if em is not None:
             e = int(em.group(1))
             if e >= remap.inv.size:
                 raise self._fail(name, f"expert id {e} >= num_experts {remap.inv.size}")
             self.renamed += 1
             return f"{head}experts.{int(remap.inv[e])}.{em.group(2)}", tensor
+        if rest in self.arch.fused_experts:
+            self.seen_fused.add((layer, rest))
+            self.renamed += 1
+            return name, gather_rows(self._fail, name, tensor, remap.perm, remap.perm.size)
         if rest in self.arch.router_rows:
             if tensor.shape[0] != remap.perm.size:
                 raise self._fail(name, f"router tensor has {tensor.shape[0]} rows, expected {remap.perm.size}")
@@ -118,12 +134,14 @@ class WeightRemapper:
             yield self.rename(name, tensor)
 
     def check_complete(self) -> None:
-        missing = [l for l in self.remaps if (l, "gate.weight") not in self.seen_router]
+        router = self.arch.router_rows[0]  # the router's weight; later rows (score bias) are optional
+        missing = [l for l in self.remaps if (l, router) not in self.seen_router]
         if missing:
             raise PlanError(
                 f"{self.plan.source}: field 'layers': the checkpoint has no router weight "
-                f"'{self.arch.block}.gate.weight' for planned layers {missing}; refusing to load"
+                f"'{self.arch.block}.{router}' for planned layers {missing}; refusing to load"
             )
+        check_fused_complete(self.plan, self.arch, self.remaps, self.seen_fused)
         # Every router-row tensor seen for one planned layer (e.g. DeepSeek-V3's score bias) must
         # have arrived, permuted, for all of them: an unpermuted bias would misroute silently.
         for row in {r for _, r in self.seen_router}:
@@ -133,3 +151,64 @@ class WeightRemapper:
                     f"{self.plan.source}: field 'layers': router tensor '{self.arch.block}.{row}' arrived for some "
                     f"planned layers but not for layers {lacking}; refusing to load"
                 )
+
+
+def gather_rows(fail: Any, name: str, tensor: "torch.Tensor", rows: np.ndarray, experts: int) -> "torch.Tensor":
+    """`tensor[rows]` for a tensor whose dim 0 is the expert id (checked to be `experts` long)."""
+    import torch
+
+    if tensor.dim() < 1 or tensor.shape[0] != experts:
+        raise fail(name, f"fused expert tensor has shape {tuple(tensor.shape)}, expected {experts} experts on dim 0")
+    return tensor.index_select(0, torch.as_tensor(rows, device=tensor.device))
+
+
+def check_fused_complete(plan: Plan, arch: MoeArch, layers: Iterable[int], seen: set[tuple[int, str]]) -> None:
+    """Every fused expert tensor of every planned layer went through the gather: one that did not
+    would hold the default layout's experts behind a planned router."""
+    for name in arch.fused_experts:
+        lacking = [l for l in layers if (l, name) not in seen]
+        if lacking:
+            raise PlanError(
+                f"{plan.source}: field 'layers': fused expert tensor '{arch.block}.{name}' did not arrive for "
+                f"planned layers {lacking}; refusing to load"
+            )
+
+
+class FusedGather:
+    """The mapping mechanism's checkpoint stream for fused-expert architectures: each planned
+    layer's fused expert tensors become [R*S, ...] in physical order (row p = the checkpoint row
+    of the logical expert physical slot p holds, copies included), which is what vLLM's fused
+    loader slices by its linear expert map over R*S physical experts. Router rows pass untouched
+    (the router scores logical experts; the table after top-k maps them). Per-expert tensor names
+    under a planned block are refused: vLLM's fused loader does not place them by expert map."""
+
+    def __init__(self, plan: Plan, arch: MoeArch):
+        self.plan, self.arch = plan, arch
+        self.rows = physical_to_logical(plan)  # R*S rows each
+        self._re = re.compile(rf"^((?:model\.)?layers\.(\d+)\.{re.escape(arch.block)}\.)(.*)$")
+        self.seen: set[tuple[int, str]] = set()
+
+    def _fail(self, name: str, why: str) -> PlanError:
+        return PlanError(
+            f"{self.plan.source}: cannot apply the plan to checkpoint tensor '{name}' "
+            f"({self.arch.name}): {why}; refusing rather than misrouting"
+        )
+
+    def rewrite(self, name: str, tensor: "torch.Tensor") -> tuple[str, "torch.Tensor"]:
+        m = self._re.match(name)
+        if m is None or int(m.group(2)) not in self.rows:
+            return name, tensor
+        layer, rest = int(m.group(2)), m.group(3)
+        if rest in self.arch.fused_experts:
+            self.seen.add((layer, rest))
+            return name, gather_rows(self._fail, name, tensor, self.rows[layer], self.plan.num_experts)
+        if rest in self.arch.router_rows or rest.startswith(self.arch.untouched_prefixes):
+            return name, tensor
+        raise self._fail(name, "tensor not in the placement table of this architecture")
+
+    def __call__(self, weights: Iterable[tuple[str, "torch.Tensor"]]) -> Iterator[tuple[str, "torch.Tensor"]]:
+        for name, tensor in weights:
+            yield self.rewrite(name, tensor)
+
+    def check_complete(self) -> None:
+        check_fused_complete(self.plan, self.arch, self.rows, self.seen)

@@ -62,8 +62,15 @@ class MoePlaceWorkerExtension:
         }
 
 
-def checkpoint_fingerprints(model_dir: str, block: str, gate_up: tuple[str, str], down: str) -> dict[tuple[int, int], dict[str, list[float]]]:
-    """{(layer, expert): {"w13": fp, "w2": fp}} computed from a safetensors checkpoint folder."""
+def checkpoint_fingerprints(
+    model_dir: str, block: str, gate_up: tuple[str, ...], down: str
+) -> dict[tuple[int, int], dict[str, list[float]]]:
+    """{(layer, expert): {"w13": fp, "w2": fp}} computed from a safetensors checkpoint folder.
+
+    Per-expert checkpoints: `gate_up` = (gate name, up name), `down` = down name, after
+    `experts.{e}.`. Fused 3-D checkpoints (Llama-4): `gate_up` = ("experts.gate_up_proj",),
+    `down` = "experts.down_proj", full names after `{block}.`, expert e = row e (the fingerprint
+    is layout-free, so the transposed storage does not matter)."""
     from pathlib import Path
 
     import torch
@@ -72,6 +79,16 @@ def checkpoint_fingerprints(model_dir: str, block: str, gate_up: tuple[str, str]
     tensors: dict[str, Any] = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         tensors.update(load_file(str(f)))
+    if len(gate_up) == 1:
+        fused = re.compile(rf"\blayers\.(\d+)\.{re.escape(block)}\.{re.escape(gate_up[0])}$")
+        out = {}
+        for k, t in tensors.items():
+            if (m := fused.search(k)) is None:
+                continue
+            w2 = tensors[k[: -len(gate_up[0])] + down]
+            for e in range(t.shape[0]):
+                out[(int(m.group(1)), e)] = {"w13": fingerprint(t[e]), "w2": fingerprint(w2[e])}
+        return out
     pat = re.compile(rf"\blayers\.(\d+)\.{re.escape(block)}\.experts\.(\d+)\.")
     keys = {(int(m.group(1)), int(m.group(2))) for k in tensors if (m := pat.search(k))}
     out = {}
