@@ -188,3 +188,14 @@ def test_validate_accepts_exactly_what_the_server_check_accepts(tmp_path, capsys
                        "cross_group": (True, True), "in_group": (True, True)}
     out = capsys.readouterr().out
     assert "served by the mapping mechanism" in out and "served by the permutation mechanism" in out
+
+
+def test_gpt_oss_serves_permutations_and_refuses_copies():
+    """vLLM's GPT-OSS loader cuts each rank's logical block of checkpoint rows (E/R from
+    ep_rank on): permutations are served (rows gathered in the stream), copies refused."""
+    cfg = SimpleNamespace(architectures=["GptOssForCausalLM"], num_local_experts=8, num_hidden_layers=2)
+    perm = make_plan({0: [[3, 1, 0, 2], [5, 7, 4, 6]], 1: [[0, 1, 2, 3], [4, 5, 6, 7]]})
+    assert check_plan_fits(perm, cfg, True, 2).name == "GptOssForCausalLM"
+    copies = make_plan({0: [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]], 1: [[0, 1, 2, 3, 5], [4, 5, 6, 7, 1]]})
+    with pytest.raises(PlanError, match=r"has redundant copies .* which GptOssForCausalLM cannot serve"):
+        check_plan_fits(copies, cfg, True, 2)

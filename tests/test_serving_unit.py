@@ -231,8 +231,8 @@ def test_grouped_topk_cross_group_plan_is_served_by_the_mapping_mechanism():
 
 def test_unsupported_architecture_refused():
     plan = make_plan({0: [[0, 1, 2, 3], [4, 5, 6, 7]]})
-    with pytest.raises(PlanError, match=r"field 'model': value \['GptOssForCausalLM'\]: architecture not supported"):
-        check_plan_fits(plan, SimpleNamespace(architectures=["GptOssForCausalLM"]), True, 2)
+    with pytest.raises(PlanError, match=r"field 'model': value \['Qwen3VLMoeForConditionalGeneration'\]: architecture not supported"):
+        check_plan_fits(plan, SimpleNamespace(architectures=["Qwen3VLMoeForConditionalGeneration"]), True, 2)
 
 
 # --------------------------------------------------------------------------- version gate

@@ -13,7 +13,7 @@ def test_builds_loadable_moe_checkpoint(tiny_model_factory, arch):
     import torch
     import transformers
 
-    dense = 0 if arch in ("mixtral", "olmoe", "minimax_m2", "llama4") else 1
+    dense = 0 if arch in ("mixtral", "olmoe", "minimax_m2", "llama4", "gpt_oss") else 1
     path = tiny_model_factory(arch=arch, num_layers=3, first_dense_layers=dense, num_experts=8, top_k=1 if arch == "llama4" else 2)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == {"ernie45_moe": "ernie4_5_moe", "llama4": "llama4_text"}.get(arch, arch)

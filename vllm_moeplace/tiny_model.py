@@ -19,7 +19,7 @@ from pathlib import Path
 from vllm_moeplace.errors import MoeplaceError
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "glm4_moe", "ernie45_moe",
-         "minimax_m2", "llama4")
+         "minimax_m2", "llama4", "gpt_oss")
 
 # A small, varied corpus for the tokenizer and the default prompt set: code, science, chat, maths,
 # so that a profiled trace has domain labels with different routing.
@@ -189,6 +189,18 @@ def _hf_config(spec: TinyModelSpec):
         )
         cfg.architectures = ["Llama4ForCausalLM"]
         return cfg
+    if spec.arch == "gpt_oss":
+        # GPT-OSS: fused experts with biases, router bias, attention sinks, sliding window on
+        # alternate layers (unquantized here; the released checkpoints are MXFP4).
+        if spec.first_dense_layers:
+            raise MoeplaceError("tiny-model: gpt_oss has no dense layers (first_dense_layers must be 0)")
+        common.pop("pad_token_id")
+        cfg = transformers.GptOssConfig(
+            **common, intermediate_size=spec.moe_intermediate_size, num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k, head_dim=head_dim, sliding_window=128,
+        )
+        cfg.architectures = ["GptOssForCausalLM"]
+        return cfg
     if spec.arch == "minimax_m2":
         if spec.first_dense_layers:
             raise MoeplaceError("tiny-model: minimax_m2 has no dense layers (first_dense_layers must be 0)")
@@ -294,6 +306,10 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None, **o
         for name, p in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "feed_forward.router.weight")) or ".mlp.gate." in name and name.endswith("weight") and p.dim() == 2 and p.shape[0] == spec.num_experts:
                 p.normal_(0.0, 0.5)
+            if spec.arch in ("llama4", "gpt_oss") and (".experts." in name or name == "lm_head.weight"):
+                # their experts are initialised near zero (and GPT-OSS's greedy output then repeats
+                # one token): experts that differ and decisive logits make token identity a test
+                p.normal_(0.0, 0.5 if name == "lm_head.weight" else 0.05)
             if spec.arch.startswith("deepseek") and name == "lm_head.weight":
                 # vLLM's CPU MLA attention is not bit-reproducible run to run (../shared notes), so
                 # near-flat random logits would flip greedy tokens on ties: make them decisive.

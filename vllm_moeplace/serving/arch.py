@@ -91,6 +91,11 @@ class MoeArch:
     takes the rows of this rank's physical ids from its expert map (llama4.py
     `load_moe_expert_weights`), so the plan is applied by gathering their rows into physical
     order in the checkpoint stream (remap.py), for both mechanisms."""
+    map_ok: bool = True
+    """The mapping mechanism can serve this architecture. False where vLLM's loader cuts the
+    checkpoint by its LOGICAL per-rank block (GPT-OSS: `num_local_experts // ep_size` rows from
+    ep_rank on, gpt_oss.py `load_weights`): R*S physical slots would be loaded from the wrong rows,
+    so plans with copies (or cross-group moves) are refused for it."""
     permute: bool = True
     """The permutation mechanism is audited for this architecture (block, router rows, untouched
     tensors exact). False: plans are always served by the mapping mechanism (serving/mapping.py),
@@ -200,6 +205,19 @@ ARCHITECTURES: dict[str, MoeArch] = {
             untouched_prefixes=("shared_expert.",),
             moe_layers=_llama4_moe_layers,
             fused_experts=("experts.gate_up_proj", "experts.down_proj"),
+        ),
+        # GPT-OSS (bf16/fp32 checkpoints): fused 3-D experts with per-expert biases, router with a
+        # bias; vLLM's loader narrows each fused tensor to rows ep_rank*E/R .. +E/R itself.
+        MoeArch(
+            name="GptOssForCausalLM",
+            block="mlp",
+            num_experts_attrs=("num_local_experts",),
+            router_rows=("router.weight", "router.bias"),
+            untouched_prefixes=(),
+            moe_layers=_all_layers_if_experts("num_local_experts"),
+            fused_experts=("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj",
+                           "experts.down_proj_bias"),
+            map_ok=False,
         ),
         MoeArch(
             name="DeepseekV3ForCausalLM",

@@ -76,9 +76,10 @@ def model_moe_facts(arch: MoeArch, hf_config: Any, model_src: str = "model confi
         _config_int(hf_config, attr, 1, MAX_EXPERTS, model_src)
     _config_int(hf_config, "num_hidden_layers", 1, MAX_LAYERS, model_src)
     for opt in ("first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step", "moe_layer_interval",
-                "moe_layer_start_index", "n_group", "num_expert_group"):
+                "moe_layer_start_index", "n_group", "num_expert_group", "interleave_moe_layer_step"):
         if getattr(hf_config, opt, None) is not None:
-            _config_int(hf_config, opt, 0 if opt in ("first_k_dense_replace", "moe_layer_start_index") else 1,
+            _config_int(hf_config, opt, 0 if opt in ("first_k_dense_replace", "moe_layer_start_index",
+                                                     "interleave_moe_layer_step") else 1,
                         MAX_LAYERS, model_src)
     try:
         experts, layers = arch.num_experts(hf_config), arch.moe_layers(hf_config)
@@ -132,6 +133,12 @@ def check_plan_fits(plan: Plan, hf_config: Any, ep_enabled: bool, ep_size: int, 
             "MoE layers"
         )
     mech = mechanism(plan, arch, hf_config)
+    if mech == MAP and not arch.map_ok:
+        raise PlanError(
+            f"{src}: field 'layers': the plan {_why_map(plan, arch, hf_config)}, which {arch.name} cannot serve: "
+            "vLLM's loader for it takes each rank's experts as a contiguous block of checkpoint rows, so only "
+            "plans that are pure permutations (each expert exactly once) are served"
+        )
     if mech == MAP:
         missing = sorted(set(moe_layers) - set(plan.layers))
         if missing:
