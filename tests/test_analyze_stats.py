@@ -11,13 +11,11 @@ from hypothesis import strategies as st
 
 from vllm_moeplace.profiling.analyze import (
     analyze,
-    gini,
     hot_set,
     jaccard,
     l1_distance,
     lift_matrix,
     max_over_mean,
-    pair_counts,
     rank_imbalance,
     rankdata,
     spearman,
@@ -25,7 +23,7 @@ from vllm_moeplace.profiling.analyze import (
     transition_concentration,
     weighted_top_share,
 )
-from vllm_moeplace.solver.stats import coactivation
+from vllm_moeplace.trace_stats import coactivation, gini, pair_counts
 from vllm_moeplace.trace import Trace
 
 

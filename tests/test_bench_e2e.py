@@ -11,7 +11,7 @@ from _builders import solver_plan
 from vllm_moeplace.bench.serve_bench import run_benchmark
 from vllm_moeplace.cli.random_plan import random_plan
 from vllm_moeplace.plan import Plan, Topology, linear_layout
-from vllm_moeplace.solver.metrics import evaluate_plan
+from vllm_moeplace.metrics import evaluate_plan
 from vllm_moeplace.trace import load_trace
 
 pytestmark = pytest.mark.vllm

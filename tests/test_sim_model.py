@@ -14,7 +14,7 @@ from vllm_moeplace.plan import Topology, linear_layout
 from vllm_moeplace.sim.model import compute_seconds, layer_time, layer_traffic, peer_table
 from vllm_moeplace.sim.network import BatchSpec, Hardware, ModelShape, SimParamsError, load_params, parse_params
 from vllm_moeplace.sim.run import Batch, sample_batches, simulate
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.trace import Trace
 
 # Round numbers so expected seconds can be worked out by hand:
@@ -161,7 +161,7 @@ def test_message_counts_match_placement_metrics(R, g, redundant):
     assert (direct.rdma_messages + direct.nvl_messages) / (T * R) == pytest.approx(m.rank_sends)
     assert agg.pairs.sum() == T * R * K
     # rank loads over all origins = the metrics' expected pairs per rank (x R)
-    from vllm_moeplace.solver.metrics import _holds, rule_hosts, rule_rank_load
+    from vllm_moeplace.metrics import _holds, rule_hosts, rule_rank_load
 
     D = rule_hosts(a, topo, E, ids)
     load = np.bincount(ids.ravel(), minlength=E).astype(float)

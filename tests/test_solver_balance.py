@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Topology, validate_plan
-from vllm_moeplace.solver import allocate, stats
-from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
-from vllm_moeplace.solver.cpsat_local import SwapSearch
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace import trace_stats as stats
+from vllm_moeplace.solver import allocate
+from vllm_moeplace.solver.instance import LayerInstance, node_weights
+from vllm_moeplace.solver.swap_search import SwapSearch
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import SolveError, solve
 from vllm_moeplace.trace import Trace

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vllm_moeplace.plan import Topology, linear_layout
-from vllm_moeplace.solver.metrics import (
+from vllm_moeplace.metrics import (
     METRIC_NAMES,
     MetricsError,
     evaluate_layers,
     evaluate_layers_reference,
 )
 from vllm_moeplace.replica import candidate_table, select
-from vllm_moeplace.solver import stats
+from vllm_moeplace import trace_stats as stats
 from vllm_moeplace.trace import Trace, load_trace
 
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vllm_moeplace.plan import Topology, validate_plan
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import SolveError, solve
 from vllm_moeplace.solver.replicas import CopyState, everywhere_set, place_copies, project_out
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
+from vllm_moeplace.solver.instance import LayerInstance
 from vllm_moeplace.trace import Trace
 
 

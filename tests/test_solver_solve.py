@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vllm_moeplace.cli.main import main
 from vllm_moeplace.plan import Topology, linear_layout, load_plan, validate_plan
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import SolveError, solve
 from vllm_moeplace.trace import Trace, load_trace, save_trace

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if "warning" in s:
         print(f"warning: {s['warning']}")
     if opts.train_fraction < 1.0:
-        from vllm_moeplace.solver.metrics import evaluate_layers
+        from vllm_moeplace.metrics import evaluate_layers
 
         held = trace.split_by_request(opts.train_fraction)[1]
         lin = {l: linear_layout(trace.num_experts, args.ep_size) for l in plan.layers}

@@ -35,7 +35,7 @@ class SolveOptions(BaseModel):
     """With redundant_per_rank: locality = copies chosen by their exact train node_sends decrease
     under the replica rule, within the rank load cap (`solver.replicas`), and every slot then
     re-optimised; balance = the earlier rule (EPLB-style copy counts, copies on the lightest ranks,
-    `cpsat_redundancy`), kept for comparison."""
+    `redundancy`), kept for comparison."""
     preserve_groups: int = Field(default=0, ge=0)
     """> 0: group-preserving mode for grouped top-k models (DeepSeek-V3/R1 n_group): the experts
     form this many contiguous id groups of E / n experts, and expert e may only sit in physical
@@ -51,11 +51,11 @@ class SolveOptions(BaseModel):
     max_imbalance at node level (a hedge against balancing one sample's noise)."""
     balance_risk: float = Field(default=0.0, ge=0.0)
     """> 0: every node and rank must meet max_imbalance with this many standard deviations of
-    request-sampling noise to spare (`stats.load_risk`): balance that holds on unseen requests,
+    request-sampling noise to spare (`trace_stats.load_risk`): balance that holds on unseen requests,
     not only on the train ones."""
     risk_scale: float | None = Field(default=None, gt=0.0)
     """Variance factor on the load-risk model (balance_risk and the held-out imbalance prediction).
-    None: measured on the train requests alone (`stats.risk_calibration`: first half vs second
+    None: measured on the train requests alone (`trace_stats.risk_calibration`: first half vs second
     half), since request order drifts more than sampling predicts. 1.0: the raw model."""
     seed: int = 0
     deterministic: bool = False

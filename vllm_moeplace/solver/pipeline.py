@@ -4,20 +4,20 @@ Per MoE layer (layers are independent unless the inter-layer term is on; then th
 in order, layer l+1 seeing layer l fixed):
 
 Step 1  expert -> node. node_sends depends only on node membership, so this is a weighted set
-        partition over the layer's unique routing patterns (`cpsat_instance`), each node holding
+        partition over the layer's unique routing patterns (`instance`), each node holding
         exactly (ranks on node x slots) experts and at most max_imbalance x its mean train load.
         Warm start: load-capped co-activation greedy, repaired and descended by exact-delta swaps
-        (`greedy`, `cpsat_local`). Then the budget alternates CP-SAT on exact neighbourhoods (a few
-        free experts on 2-3 nodes, `cpsat_model`, hinted with the incumbent) and iterated-local-
+        (`greedy`, `swap_search`). Then the budget alternates CP-SAT on exact neighbourhoods (a few
+        free experts on 2-3 nodes, `neighbourhood`, hinted with the incumbent) and iterated-local-
         search kicks (a few random swaps, repair, descent); only strict improvements are kept.
 Step 2  expert -> rank inside each node: longest-processing-time, then swaps inside the node down
         to the rank load cap (and, for --objective rank_sends, fewer distinct ranks per token).
 Step 3  redundant copies, if asked: by default for locality under the replica rule
         (`replicas`: the hottest experts replicated on every node and projected out of Step 1,
         then exact-delta greedy and all-slot descent within the rank cap); `--copy-placement
-        balance` keeps the earlier balance-only placement (`cpsat_redundancy`).
+        balance` keeps the earlier balance-only placement (`redundancy`).
 Bound   per layer max(one node per pattern, star bound, Frank-Wolfe bound of the consistent-
-        companion relaxation; `cpsat_bound`) for node_sends; the gap in the plan is
+        companion relaxation; `bounds`) for node_sends; the gap in the plan is
         (objective - bound) / objective over all layers.
 """
 
@@ -33,12 +33,13 @@ import numpy as np
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Plan, Topology, validate_plan
-from vllm_moeplace.solver import allocate, stats
-from vllm_moeplace.solver.cpsat_bound import pair_relaxation_bound, star_lower_bound
-from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
-from vllm_moeplace.solver.cpsat_local import SwapSearch
-from vllm_moeplace.solver.cpsat_model import reoptimise_units
-from vllm_moeplace.solver.cpsat_redundancy import add_replicas, copy_counts, rebalance
+from vllm_moeplace import trace_stats as stats
+from vllm_moeplace.solver import allocate
+from vllm_moeplace.solver.bounds import pair_relaxation_bound, star_lower_bound
+from vllm_moeplace.solver.instance import LayerInstance, node_weights
+from vllm_moeplace.solver.swap_search import SwapSearch
+from vllm_moeplace.solver.neighbourhood import reoptimise_units
+from vllm_moeplace.solver.redundancy import add_replicas, copy_counts, rebalance
 from vllm_moeplace.solver.greedy import grow_groups, lpt_partition
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.replicas import CopyPlacementError, everywhere_set, place_copies, project_out
@@ -176,7 +177,7 @@ def solve(
         "gap": gap,
         "bound_method": (
             "max(1 node per pattern, star decomposition, Frank-Wolfe bound of the consistent-companion "
-            "relaxation) per layer (cpsat_bound); node_sends objective only"
+            "relaxation) per layer (bounds); node_sends objective only"
         ),
         # OPTIMAL only when the bound closes the gap of the whole decision; copies are placed
         # heuristically after the bounded node partition.

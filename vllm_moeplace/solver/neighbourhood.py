@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from vllm_moeplace.solver.cpsat_local import SwapSearch
+from vllm_moeplace.solver.swap_search import SwapSearch
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Units have fixed slot counts, so the neighbourhood is "swap two experts on different units";
 it keeps every unit's slot count and is the move set the CP-SAT LNS and the greedy share.
 
-Cost model (see `cpsat_instance`): cost(a) = Σ_p Σ_u CW[p, u] [p touches u] + Σ_e lin[e, a_e],
+Cost model (see `instance`): cost(a) = Σ_p Σ_u CW[p, u] [p touches u] + Σ_e lin[e, a_e],
 CW[p, u] = count_p * w_u (optionally a per-pattern weight, used for the inter-layer term).
 
 Speed trick: with cnt[p, u] = experts of p on u, the cost of moving e alone to u is
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
+from vllm_moeplace.solver.instance import LayerInstance
 
 _EPS = 1e-9
 
@@ -61,7 +61,7 @@ class SwapSearch:
         self.fold_unit = np.stack([np.bincount(self.a, weights=fl, minlength=self.U) for fl in self.fold_loads]) if len(self.fold_loads) else np.zeros((0, self.U))
         # Optional sampling-risk margin: a unit's load must stay under its cap by sqrt(w' Q w),
         # w its expert indicator, Q [E, E] the (scaled) covariance of expert loads between
-        # request samples (`stats.load_risk`). Held-out loads of experts that fire for the same
+        # request samples (`trace_stats.load_risk`). Held-out loads of experts that fire for the same
         # requests move together, so the margin steers correlated hot experts apart.
         self.Q = None if risk is None else np.asarray(risk, dtype=np.float64)
         self.refresh_risk()
