@@ -3,55 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Topology, linear_layout
+from vllm_moeplace.solver.options import CLI_GROUPS, SolveOptions
 from vllm_moeplace.trace import load_trace
 
 
+# Flags whose command-line form differs from the plain field (type, default, docstring).
+_FLAG_EXTRAS: dict[str, dict[str, Any]] = {
+    # Without N: read n_group from --model DIR/config.json.
+    "preserve_groups": {"nargs": "?", "const": -1, "metavar": "N",
+                        "help_suffix": " Without N, n_group is read from --model DIR/config.json."},
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help(field: FieldInfo, extra: str = "") -> str:
+    text = " ".join((field.description or "").split()) + extra
+    default = field.get_default()
+    return f"{text} (default: {default})" if not isinstance(default, bool) else text
+
+
+def add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per public SolveOptions field, in the groups of CLI_GROUPS: type, default and
+    choices from the field's annotation, help from its docstring. Defaults stay None here so that
+    SolveOptions itself applies (and validates) them."""
+    fields = SolveOptions.model_fields
+    for group, names in CLI_GROUPS.items():
+        g = p.add_argument_group(f"{group} options")
+        for name in names:
+            f = fields[name]
+            extras = dict(_FLAG_EXTRAS.get(name, {}))
+            suffix = extras.pop("help_suffix", "")
+            kind, choices = _kind(f.annotation)
+            if kind is bool:
+                g.add_argument(_flag(name), action="store_true", default=None, help=_help(f, suffix))
+                continue
+            g.add_argument(_flag(name), type=kind, choices=choices, default=None, help=_help(f, suffix), **extras)
+
+
+def _kind(annotation: Any) -> tuple[type, list | None]:
+    """(argparse type, choices) of a field annotation: Literal -> its values, X | None -> X."""
+    if get_origin(annotation) is Literal:
+        values = list(get_args(annotation))
+        return type(values[0]), values
+    if get_origin(annotation) in (Union, types.UnionType):
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _kind(inner)
+    return annotation, None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="routing trace (.npz)")
-    p.add_argument("--ep-size", type=int, required=True, help="number of EP ranks R")
-    topo = p.add_mutually_exclusive_group(required=True)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--trace", required=True, help="routing trace (.npz; `moeplace import` converts other formats)")
+    io.add_argument("--ep-size", type=int, required=True, help="number of EP ranks R")
+    topo = io.add_mutually_exclusive_group(required=True)
     topo.add_argument("--ranks-per-node", type=int, help="G consecutive ranks per node")
     topo.add_argument("--topology", help="JSON file {nodes: [[ranks]], link_cost: [[...]]}")
-    p.add_argument("--objective", default="node_sends", choices=["node_sends", "rank_sends", "hop_cost"])
-    p.add_argument("--inter-layer-weight", type=float, default=0.0)
-    p.add_argument("--max-imbalance", type=float, default=1.05, help="train max/mean load bound (default 1.05)")
-    p.add_argument("--redundant-per-rank", type=int, default=0, help="extra slots per rank for expert copies")
-    p.add_argument(
-        "--copy-placement", default="locality", choices=["locality", "balance"],
-        help="locality (default): copies by exact train node_sends savings under the replica rule, within the load cap; "
-        "balance: the earlier EPLB-style placement",
-    )
-    p.add_argument("--time-limit", type=float, default=60.0, help="total seconds (default 60)")
-    p.add_argument("--train-fraction", type=float, default=1.0, help="plan from this share of requests; rest held out")
-    p.add_argument("--balance-folds", type=int, default=1, help="also bound the load of each of this many request folds")
-    p.add_argument(
-        "--balance-target", default="train", choices=["train", "expected"],
-        help="train: every layer's train load <= --max-imbalance; expected: mean predicted held-out imbalance <= it",
-    )
-    p.add_argument("--balance-risk", type=float, default=0.0, help="keep this many std of request-sampling noise under the cap")
-    p.add_argument(
-        "--balance-confidence", type=float, default=0.5,
-        help="with --balance-target expected: bound this quantile of the held-out imbalance (default 0.5: its mean)",
-    )
-    p.add_argument(
-        "--risk-scale", type=float, default=None,
-        help="variance factor on the load-noise model (default: measured on the train requests; 1 = raw model)",
-    )
-    p.add_argument(
-        "--preserve-groups", type=int, nargs="?", const=-1, default=0, metavar="N",
-        help="group-preserving mode for grouped top-k models: every expert stays in the physical slots of its own "
-        "id group (N groups of E/N); without N, read n_group from --model DIR/config.json",
-    )
-    p.add_argument("--model", default=None, help="model folder (or its config.json); read for n_group by --preserve-groups")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="same output for the same seed, regardless of load")
-    p.add_argument("--model-name", default=None)
-    p.add_argument("--out", required=True, help="plan.json to write")
+    io.add_argument("--out", required=True, help="plan.json to write")
+    io.add_argument("--model", default=None, help="model folder (or its config.json); read for n_group by --preserve-groups")
+    io.add_argument("--model-name", default=None, help="model name recorded in the plan (default: the trace's meta)")
+    add_option_flags(p)
 
 
 def _topology(args: argparse.Namespace) -> Topology:
@@ -80,7 +101,7 @@ def model_n_group(path: str) -> int:
     return n
 
 
-def _preserve_groups(args: argparse.Namespace) -> int:
+def _preserve_groups(args: argparse.Namespace) -> int | None:
     if args.preserve_groups == -1:
         if not args.model:
             raise MoeplaceError("--preserve-groups without N needs --model DIR to read n_group from its config.json")
@@ -89,27 +110,12 @@ def _preserve_groups(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_moeplace.solver.options import SolveOptions
     from vllm_moeplace.solver.pipeline import solve
 
     try:
-        opts = SolveOptions(
-            objective=args.objective,
-            inter_layer_weight=args.inter_layer_weight,
-            max_imbalance=args.max_imbalance,
-            redundant_per_rank=args.redundant_per_rank,
-            copy_placement=args.copy_placement,
-            time_limit=args.time_limit,
-            train_fraction=args.train_fraction,
-            seed=args.seed,
-            balance_folds=args.balance_folds,
-            balance_target=args.balance_target,
-            balance_risk=args.balance_risk,
-            risk_scale=args.risk_scale,
-            balance_confidence=args.balance_confidence,
-            deterministic=args.deterministic,
-            preserve_groups=_preserve_groups(args),
-        )
+        given = {name: getattr(args, name) for names in CLI_GROUPS.values() for name in names}
+        given["preserve_groups"] = _preserve_groups(args)
+        opts = SolveOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
         raise MoeplaceError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
