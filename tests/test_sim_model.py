@@ -16,6 +16,7 @@ from vllm_moeplace.sim.network import BatchSpec, Hardware, ModelShape, SimParams
 from vllm_moeplace.sim.run import Batch, sample_batches, simulate
 from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.trace import Trace
+from _builders import trace_from_ids
 
 # Round numbers so expected seconds can be worked out by hand:
 # NVLink 10 GB/s + 1 us, RDMA 1 GB/s + 2 us, 1 TFLOP/s, no weight-read term.
@@ -26,10 +27,7 @@ SHAPE = ModelShape(hidden_size=1000, moe_intermediate_size=500, num_experts=4, t
 
 
 def _trace(ids: list[list[list[int]]], num_experts: int, layer_ids: list[int] | None = None) -> Trace:
-    a = np.asarray(ids, dtype=np.int16)  # [T, L, K]
-    T, L, _ = a.shape
-    return Trace(topk_ids=a, layer_ids=np.asarray(layer_ids or list(range(1, L + 1)), dtype=np.int32),
-                 request_ids=np.zeros(T, dtype=np.int32), is_prefill=np.ones(T, dtype=bool), num_experts=num_experts)
+    return trace_from_ids(ids, num_experts, layer_ids=layer_ids, one_request=True)
 
 
 def test_golden_one_token_two_nodes_node_aggregation():
