@@ -13,7 +13,7 @@ imbalance <= 1.10. This script measures where the held-out imbalance comes from:
    - random groupings of 16 ranks x 5 slots (no copies / the locality solver's copy structure:
      5 hottest experts on every node + 1 doubled / the 16 hottest doubled), 200 draws per layer;
    - a grouping chosen from the train requests to minimise the largest predicted drift variance
-     (swap descent on `stats.load_risk` x 1.19, the train -> held-out calibration of docs/solver.md),
+     (swap descent on `trace_stats.load_risk` x 1.19, the train -> held-out calibration of docs/solver.md),
      i.e. the best the load-risk model can do when node_sends is ignored entirely.
 2. Decomposition of a solver plan (`moeplace solve --redundant-per-rank 1 --max-imbalance CAP`):
    train and held-out rank imbalance, held-out NODE imbalance (a lower bound on the rank imbalance
@@ -36,8 +36,8 @@ import numpy as np
 from _common import commit, loadavg, machine  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.solver import stats
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace import trace_stats as stats
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import solve
 from vllm_moeplace.solver.replicas import CopyState

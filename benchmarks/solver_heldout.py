@@ -19,7 +19,7 @@ from pathlib import Path
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.solver.baselines import baseline_layers
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import solve
 from vllm_moeplace.trace import load_trace

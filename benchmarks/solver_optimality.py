@@ -26,12 +26,12 @@ import numpy as np
 from _common import ROOT, command, commit, loadavg, machine  # benchmarks/ is sys.path[0]
 
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.solver import stats
-from vllm_moeplace.solver.cpsat_bound import pair_relaxation_bound, star_lower_bound
-from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
-from vllm_moeplace.solver.cpsat_local import SwapSearch
+from vllm_moeplace import trace_stats as stats
+from vllm_moeplace.solver.bounds import pair_relaxation_bound, star_lower_bound
+from vllm_moeplace.solver.instance import LayerInstance, node_weights
+from vllm_moeplace.solver.swap_search import SwapSearch
 from vllm_moeplace.solver.greedy import grow_groups, lpt_partition
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.trace import load_trace
 
 DSV2 = ROOT.parent / "shared" / "data" / "traces" / "dsv2lite_puffin_a.npz"

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from vllm_moeplace.plan import Topology  # noqa: E402
 from vllm_moeplace.solver.baselines import available_baselines, baseline_layers  # noqa: E402
-from vllm_moeplace.solver.metrics import evaluate_layers  # noqa: E402
-from vllm_moeplace.solver.stats import routing_summary  # noqa: E402
+from vllm_moeplace.metrics import evaluate_layers  # noqa: E402
+from vllm_moeplace.trace_stats import routing_summary  # noqa: E402
 from vllm_moeplace.solver.synth import SynthConfig, synth_trace  # noqa: E402
 from vllm_moeplace.trace import Trace, load_trace  # noqa: E402
 
@@ -92,7 +92,7 @@ def main() -> int:
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "Shape: 26 MoE layers x 64 experts, top-6, 94,165 tokens, 999 requests (synth default knobs).",
-        "Statistics are means over layers (`vllm_moeplace.solver.stats.routing_summary`); placement rows:",
+        "Statistics are means over layers (`vllm_moeplace.trace_stats.routing_summary`); placement rows:",
         "EP16 over 4 nodes, plan from the first half of requests, scored held-out.",
         "",
         "| statistic | " + " | ".join(rows) + " |",

@@ -11,13 +11,11 @@ from hypothesis import strategies as st
 
 from vllm_moeplace.profiling.analyze import (
     analyze,
-    gini,
     hot_set,
     jaccard,
     l1_distance,
     lift_matrix,
     max_over_mean,
-    pair_counts,
     rank_imbalance,
     rankdata,
     spearman,
@@ -25,22 +23,13 @@ from vllm_moeplace.profiling.analyze import (
     transition_concentration,
     weighted_top_share,
 )
-from vllm_moeplace.solver.stats import coactivation
+from vllm_moeplace.trace_stats import coactivation, gini, pair_counts
 from vllm_moeplace.trace import Trace
+from _builders import trace_from_ids
 
 
 def _trace(ids, request_ids=None, is_prefill=None, num_experts=4, labels=None, layer_ids=None) -> Trace:
-    ids = np.asarray(ids, dtype=np.int16)
-    T, L, _ = ids.shape
-    return Trace(
-        topk_ids=ids,
-        layer_ids=np.asarray(layer_ids if layer_ids is not None else range(1, L + 1), dtype=np.int32),
-        request_ids=np.asarray(request_ids if request_ids is not None else range(T), dtype=np.int32),
-        is_prefill=np.asarray(is_prefill if is_prefill is not None else [True] * T, dtype=bool),
-        num_experts=num_experts,
-        meta={},
-        labels=None if labels is None else np.asarray(labels),
-    )
+    return trace_from_ids(ids, num_experts, layer_ids=layer_ids, request_ids=request_ids, is_prefill=is_prefill, labels=labels)
 
 
 def test_gini_and_max_over_mean_golden() -> None:

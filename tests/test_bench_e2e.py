@@ -10,7 +10,7 @@ import pytest
 from _builders import solver_plan
 from vllm_moeplace.bench.serve_bench import run_benchmark
 from vllm_moeplace.plan import Plan, Topology, linear_layout
-from vllm_moeplace.solver.metrics import evaluate_plan
+from vllm_moeplace.metrics import evaluate_plan
 from vllm_moeplace.trace import load_trace
 
 pytestmark = pytest.mark.vllm

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from vllm_moeplace.bench.serve_bench import LayoutRun, LayoutSpec, _routing_agreement, logical_trace
 from vllm_moeplace.bench.traffic import count_traffic
 from vllm_moeplace.plan import Plan, Topology
-from vllm_moeplace.solver.metrics import evaluate_plan
+from vllm_moeplace.metrics import evaluate_plan
 
 
 def _routing(rng, T, L, K, E):
@@ -75,9 +75,9 @@ def test_logical_trace_inverts_the_plan_permutation():
 def test_copies_counted_from_physical_ids_equal_evaluate_at_the_same_origins(seed, shape, extra):
     """With redundant copies: physical ids chosen by the replica rule from virtual origins (what the
     engine's table does), counted by the plain counter, equal the evaluator's view of the same
-    tokens and origins (a separate, vectorised implementation in solver.metrics)."""
+    tokens and origins (a separate, vectorised implementation in vllm_moeplace.metrics)."""
     from vllm_moeplace.replica import candidate_table, replicated_origin, select
-    from vllm_moeplace.solver.metrics import evaluate_layers_at_origins
+    from vllm_moeplace.metrics import evaluate_layers_at_origins
     from vllm_moeplace.trace import Trace
 
     R, g = shape

@@ -19,6 +19,7 @@ from vllm_moeplace.replica import REPLICA_RULE, candidate_table, replicated_orig
 from vllm_moeplace.serving.mapping import map_to_physical, origin_span
 from vllm_moeplace.serving.validate import MAP, PERMUTE, check_map_backend, check_plan_fits, mechanism
 from vllm_moeplace.serving.arch import ARCHITECTURES
+from _builders import plan_from_layers
 
 
 @st.composite
@@ -86,8 +87,7 @@ def test_golden_choices():
 
 
 def make_plan(layers, E=8, moe_layers=None, ep=2):
-    return Plan(model_name="t", num_experts=E, moe_layers=moe_layers or sorted(layers), ep_size=ep,
-                topology=Topology.uniform(ep, ep), layers={k: np.array(v) for k, v in layers.items()}, source="plan.json")
+    return plan_from_layers(layers, E, moe_layers or None, ep)
 
 
 def dsv3(**kw):

@@ -18,19 +18,11 @@ from vllm_moeplace.serving.arch import ARCHITECTURES
 from vllm_moeplace.serving.cpu_ep_fix import map_topk_to_local
 from vllm_moeplace.serving.remap import WeightRemapper, physical_to_logical
 from vllm_moeplace.serving.validate import check_plan_fits
+from _builders import plan_from_layers
 
 
 def make_plan(layers: dict[int, list[list[int]]], num_experts: int = 8, moe_layers=None) -> Plan:
-    ep = len(next(iter(layers.values())))
-    return Plan(
-        model_name="t",
-        num_experts=num_experts,
-        moe_layers=moe_layers if moe_layers is not None else sorted(layers),
-        ep_size=ep,
-        topology=Topology.uniform(ep, ep),
-        layers={k: np.array(v) for k, v in layers.items()},
-        source="plan.json",
-    )
+    return plan_from_layers(layers, num_experts, moe_layers)
 
 
 # --------------------------------------------------------------------------- reference MoE

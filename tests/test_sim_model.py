@@ -14,8 +14,9 @@ from vllm_moeplace.plan import Topology, linear_layout
 from vllm_moeplace.sim.model import compute_seconds, layer_time, layer_traffic, peer_table
 from vllm_moeplace.sim.network import BatchSpec, Hardware, ModelShape, SimParamsError, load_params, parse_params
 from vllm_moeplace.sim.run import Batch, sample_batches, simulate
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.trace import Trace
+from _builders import trace_from_ids
 
 # Round numbers so expected seconds can be worked out by hand:
 # NVLink 10 GB/s + 1 us, RDMA 1 GB/s + 2 us, 1 TFLOP/s, no weight-read term.
@@ -26,10 +27,7 @@ SHAPE = ModelShape(hidden_size=1000, moe_intermediate_size=500, num_experts=4, t
 
 
 def _trace(ids: list[list[list[int]]], num_experts: int, layer_ids: list[int] | None = None) -> Trace:
-    a = np.asarray(ids, dtype=np.int16)  # [T, L, K]
-    T, L, _ = a.shape
-    return Trace(topk_ids=a, layer_ids=np.asarray(layer_ids or list(range(1, L + 1)), dtype=np.int32),
-                 request_ids=np.zeros(T, dtype=np.int32), is_prefill=np.ones(T, dtype=bool), num_experts=num_experts)
+    return trace_from_ids(ids, num_experts, layer_ids=layer_ids, one_request=True)
 
 
 def test_golden_one_token_two_nodes_node_aggregation():
@@ -161,7 +159,7 @@ def test_message_counts_match_placement_metrics(R, g, redundant):
     assert (direct.rdma_messages + direct.nvl_messages) / (T * R) == pytest.approx(m.rank_sends)
     assert agg.pairs.sum() == T * R * K
     # rank loads over all origins = the metrics' expected pairs per rank (x R)
-    from vllm_moeplace.solver.metrics import _holds, rule_hosts, rule_rank_load
+    from vllm_moeplace.metrics import _holds, rule_hosts, rule_rank_load
 
     D = rule_hosts(a, topo, E, ids)
     load = np.bincount(ids.ravel(), minlength=E).astype(float)

@@ -1,28 +1,19 @@
-"""benchmarks/simulate.py end to end on a small synthetic trace, and the report's tables."""
+"""The simulator suite (`benchmarks/simulate.py` = `vllm_moeplace.sim.suite`) end to end on a small synthetic trace, and the report's tables."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vllm_moeplace.sim import suite as sim
 from vllm_moeplace.sim.report import Row, ratio, scenario_table, summary_table
 from vllm_moeplace.trace import Trace, save_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_simulate():
-    spec = importlib.util.spec_from_file_location("moeplace_bench_simulate", ROOT / "benchmarks" / "simulate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _row(layout: str, total: float, rdma: float) -> Row:
@@ -60,7 +51,6 @@ def _synthetic_trace(path: Path) -> None:
 
 
 def test_simulate_script_end_to_end(tmp_path):
-    sim = _load_simulate()
     trace = tmp_path / "syn.npz"
     _synthetic_trace(trace)
     params = json.loads((ROOT / "benchmarks" / "sim_params.json").read_text())

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Topology, validate_plan
-from vllm_moeplace.solver import allocate, stats
-from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
-from vllm_moeplace.solver.cpsat_local import SwapSearch
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace import trace_stats as stats
+from vllm_moeplace.solver import allocate
+from vllm_moeplace.solver.instance import LayerInstance, node_weights
+from vllm_moeplace.solver.swap_search import SwapSearch
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import SolveError, solve
 from vllm_moeplace.trace import Trace
@@ -188,7 +189,8 @@ def test_expected_target_bounds_the_predicted_imbalance_and_records_the_caps():
 def test_candidates_never_get_worse_as_the_cap_loosens():
     # Each looser cap continues from the tighter candidate (feasible for it too): the train
     # objective over the cap grid is non-increasing, and every candidate meets its own cap.
-    from vllm_moeplace.solver.pipeline import _noise, _solve_layer_candidates
+    from _builders import solve_layer_candidates as _solve_layer_candidates
+    from vllm_moeplace.solver.noise import noise_model as _noise
 
     trace = clustered(E=32, seed=3)
     topo = Topology.uniform(8, 2)
@@ -234,7 +236,7 @@ def test_risk_scale_is_resolved_once_and_recorded():
     raw = solve(trace, topo, SolveOptions(max_imbalance=1.3, balance_target="expected", risk_scale=1.0, time_limit=1.0, deterministic=True))
     assert raw.solver["risk_scale"] == 1.0
     # The scale reaches the noise model: 4x the variance predicts a higher imbalance for the same layout.
-    from vllm_moeplace.solver.pipeline import _noise
+    from vllm_moeplace.solver.noise import noise_model as _noise
 
     lay = np.asarray(plan.layers[1])
     scaled, unscaled = (_noise(trace, 0, SolveOptions(risk_scale=k)).expected_imbalance(lay) for k in (4.0, 1.0))
@@ -250,7 +252,8 @@ def test_confidence_bounds_the_quantile_and_a_short_budget_is_kept():
     assert s["expected_imbalance"] < s["imbalance_quantile"] <= 1.3 + 1e-9
     # Each cap has a fixed setup (~3.5 s for all 8 caps of these 8 layers, against 2 s asked):
     # a short budget tries fewer caps, always both ends of the grid.
-    from vllm_moeplace.solver.pipeline import _noise, _solve_layer_candidates
+    from _builders import solve_layer_candidates as _solve_layer_candidates
+    from vllm_moeplace.solver.noise import noise_model as _noise
 
     opt = SolveOptions(balance_target="expected")
     for budget, n in ((0.2, 2), (0.5, 4), (2.0, len(allocate.CAP_GRID))):

@@ -19,8 +19,8 @@ from vllm_moeplace.solver.baselines import (
     linear,
     round_robin,
 )
-from vllm_moeplace.solver.metrics import evaluate_layers, evaluate_plan
-from vllm_moeplace.solver.stats import expert_load
+from vllm_moeplace.metrics import evaluate_layers, evaluate_plan
+from vllm_moeplace.trace_stats import expert_load
 from vllm_moeplace.solver.topology_file import TopologyError, dragonfly, fat_tree, load_topology, parse_topology, save_topology
 from vllm_moeplace.trace import Trace, load_trace
 

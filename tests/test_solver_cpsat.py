@@ -8,10 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_moeplace.solver.cpsat_bound import pair_relaxation_bound, star_lower_bound
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
-from vllm_moeplace.solver.cpsat_local import SwapSearch
-from vllm_moeplace.solver.cpsat_model import reoptimise_units
+from vllm_moeplace.solver.bounds import pair_relaxation_bound, star_lower_bound
+from vllm_moeplace.solver.instance import LayerInstance
+from vllm_moeplace.solver.swap_search import SwapSearch
+from vllm_moeplace.solver.neighbourhood import reoptimise_units
 
 
 def random_instance(seed: int, E: int, K: int, T: int) -> LayerInstance:

@@ -10,27 +10,20 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vllm_moeplace.plan import Topology, linear_layout
-from vllm_moeplace.solver.metrics import (
+from vllm_moeplace.metrics import (
     METRIC_NAMES,
     MetricsError,
     evaluate_layers,
     evaluate_layers_reference,
 )
 from vllm_moeplace.replica import candidate_table, select
-from vllm_moeplace.solver import stats
+from vllm_moeplace import trace_stats as stats
 from vllm_moeplace.trace import Trace, load_trace
+from _builders import trace_from_ids
 
 
 def make_trace(ids, num_experts, layer_ids=None, request_ids=None) -> Trace:
-    ids = np.asarray(ids, dtype=np.int16)
-    T, L, _ = ids.shape
-    return Trace(
-        topk_ids=ids,
-        layer_ids=np.asarray(layer_ids if layer_ids is not None else np.arange(1, L + 1), dtype=np.int32),
-        request_ids=np.asarray(request_ids if request_ids is not None else np.arange(T), dtype=np.int32),
-        is_prefill=np.ones(T, dtype=bool),
-        num_experts=num_experts,
-    )
+    return trace_from_ids(ids, num_experts, layer_ids=layer_ids, request_ids=request_ids)
 
 
 # ---- golden cases ------------------------------------------------------------------------------

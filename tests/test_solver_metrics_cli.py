@@ -11,7 +11,7 @@ import pytest
 
 from vllm_moeplace.cli.main import main
 from vllm_moeplace.plan import Plan, Topology, load_plan
-from vllm_moeplace.solver.metrics import METRIC_NAMES, evaluate_plan
+from vllm_moeplace.metrics import METRIC_NAMES, evaluate_plan
 from vllm_moeplace.solver.synth import SynthConfig, synth_trace
 from vllm_moeplace.trace import load_trace, save_trace
 
@@ -43,7 +43,7 @@ def test_json_shape_and_values(files, capsys):
     assert out[str(files["plan"])]["held_out"]["node_sends"] == pytest.approx(evaluate_plan(plan, test).node_sends, rel=1e-12)
     assert out[str(files["plan"])]["in_sample"]["imbalance"] == pytest.approx(evaluate_plan(plan, train).imbalance, rel=1e-12)
     # baselines are scored on the plan's topology: linear is vLLM's default layout there
-    from vllm_moeplace.solver.metrics import evaluate_layers
+    from vllm_moeplace.metrics import evaluate_layers
 
     assert out["linear"]["held_out"] == pytest.approx(evaluate_layers({}, plan.topology, test).as_dict(), rel=1e-12)
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.solver.cpsat_redundancy import _flow_assign, add_replicas, copy_counts
-from vllm_moeplace.solver.pipeline import _with_replicas
+from vllm_moeplace.solver.redundancy import _flow_assign, add_replicas, copy_counts
+from vllm_moeplace.solver.layer import with_replicas as _with_replicas
 
 # e0 is so hot that it gets a copy on every rank; e4 (primary beside e0's on rank 0) gets one more:
 # e0's extras must take ranks 1-3, leaving rank 0's slot, which cannot take e4. No assignment exists.

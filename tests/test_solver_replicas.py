@@ -10,26 +10,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vllm_moeplace.plan import Topology, validate_plan
-from vllm_moeplace.solver.metrics import evaluate_layers
+from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import SolveError, solve
 from vllm_moeplace.solver.replicas import CopyState, everywhere_set, place_copies, project_out
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
+from vllm_moeplace.solver.instance import LayerInstance
 from vllm_moeplace.trace import Trace
+from _builders import trace_from_ids
 
 
 def make_trace(ids, num_experts, request_ids=None) -> Trace:
-    ids = np.asarray(ids, dtype=np.int16)
-    if ids.ndim == 2:
-        ids = ids[:, None, :]
-    T, L, _ = ids.shape
-    return Trace(
-        topk_ids=ids,
-        layer_ids=np.arange(1, L + 1, dtype=np.int32),
-        request_ids=np.asarray(request_ids if request_ids is not None else np.arange(T), dtype=np.int32),
-        is_prefill=np.ones(T, dtype=bool),
-        num_experts=num_experts,
-    )
+    return trace_from_ids(ids, num_experts, request_ids=request_ids)
 
 
 def _random_layout(rng, R, S, n, E):

@@ -9,8 +9,8 @@ import pytest
 from vllm_moeplace.cli.main import main
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.solver.baselines import baseline_layers
-from vllm_moeplace.solver.metrics import evaluate_layers
-from vllm_moeplace.solver.stats import gini, routing_summary
+from vllm_moeplace.metrics import evaluate_layers
+from vllm_moeplace.trace_stats import gini, routing_summary
 from vllm_moeplace.solver.synth import SynthConfig, SynthError, synth_trace
 from vllm_moeplace.trace import load_trace
 

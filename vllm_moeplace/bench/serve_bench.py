@@ -5,7 +5,7 @@ For every layout it reports throughput, TTFT and TPOT (p50/p99) and the dispatch
 layout actually needed, counted from the routed top-k ids of every token inside the serving
 engine (`bench/traffic.py`), under a stated virtual topology. It checks, in the same run, that
 every layout generated identical token ids, and that the traffic counted in the serving path
-agrees with `moeplace evaluate` (`solver.metrics`) on the trace captured from the same run.
+agrees with `moeplace evaluate` (`vllm_moeplace.metrics`) on the trace captured from the same run.
 
 On the CPU path every rank computes every token (no all-to-all exists here), so timings measure
 the plugin's overhead, not network savings; the traffic columns are what the layout would send
@@ -150,7 +150,7 @@ def mapped_traffic(run: LayoutRun, plan: Plan, topology: Topology, trace: Trace)
     row mod R); `evaluate`'s view of the same tokens and origins; and the fraction of choices equal
     to the replica rule applied to the logical ids offline (1.0 = the engine applied exactly the rule)."""
     from vllm_moeplace.replica import candidate_table, select
-    from vllm_moeplace.solver.metrics import evaluate_layers_at_origins
+    from vllm_moeplace.metrics import evaluate_layers_at_origins
 
     if run.batch_rows is None or run.mapped_ids is None:
         raise MoeplaceError(f"layout {run.spec.name}: the capture recorded no mapped physical ids / batch rows")
@@ -188,7 +188,7 @@ def run_benchmark(
     engine_args: list[str] | None = None,
 ) -> dict:
     """Run every layout, write `out_dir/serving_report.md` + `serving_results.json`; return the results."""
-    from vllm_moeplace.solver.metrics import evaluate_plan
+    from vllm_moeplace.metrics import evaluate_plan
 
     out_dir = Path(out_dir)
     specs = [LayoutSpec("default", None)] + [LayoutSpec(f"plan{i}:{p.stem}", p) for i, p in enumerate(plans)]

@@ -3,7 +3,7 @@
 Counted directly from PHYSICAL expert ids (what the router emits inside vLLM when a plan is
 active; equal to logical ids under the default layout): physical expert p lives on rank p // S
 (vLLM's linear physical layout, S slots per rank). This is deliberately a separate, plain
-implementation from `solver.metrics` (which works from logical ids and a plan), so that agreement
+implementation from `vllm_moeplace.metrics` (which works from logical ids and a plan), so that agreement
 between the two on the same run is a real check of the plugin, the capture and the evaluator.
 
 Token origin is uniform over ranks (the same assumption as the solver's metrics), under a stated

@@ -12,7 +12,7 @@ import argparse
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import check_redundant_per_rank
 from vllm_moeplace.solver.baselines import BASELINES, baseline_plan
-from vllm_moeplace.solver.metrics import evaluate_plan
+from vllm_moeplace.metrics import evaluate_plan
 from vllm_moeplace.solver.topology_file import describe, resolve_topology
 from vllm_moeplace.trace import load_trace
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from vllm_moeplace.plan import Plan, Topology, check_redundant_per_rank, load_plan
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.solver.baselines import BASELINES, available_baselines, baseline_layers
-from vllm_moeplace.solver.metrics import METRIC_NAMES, Metrics, check_plan_fits_trace, evaluate_layers
+from vllm_moeplace.metrics import METRIC_NAMES, Metrics, check_plan_fits_trace, evaluate_layers
 from vllm_moeplace.solver.topology_file import describe, resolve_topology
 from vllm_moeplace.trace import Trace, load_trace
 

@@ -7,59 +7,83 @@ that needs per-token routing is refused for it with one message naming the optio
 from __future__ import annotations
 
 import argparse
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Topology, check_redundant_per_rank, linear_layout
+from vllm_moeplace.solver.options import CLI_GROUPS, SolveOptions
 from vllm_moeplace.trace import load_trace
 
 
+# Flags whose command-line form differs from the plain field (type, default, docstring).
+_FLAG_EXTRAS: dict[str, dict[str, Any]] = {
+    # `balance` is served by load_balance.py (load-only traces), not by the per-token search.
+    "objective": {"choices": ["node_sends", "rank_sends", "hop_cost", "balance"],
+                  "help_suffix": " balance: place by expert load only (the default, and the only choice, for a "
+                                 "load-only trace)."},
+    # Without N: read n_group from --model DIR/config.json.
+    "preserve_groups": {"nargs": "?", "const": -1, "metavar": "N",
+                        "help_suffix": " Without N, n_group is read from --model DIR/config.json."},
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help(field: FieldInfo, extra: str = "") -> str:
+    text = " ".join((field.description or "").split()) + extra
+    default = field.get_default()
+    return f"{text} (default: {default})" if not isinstance(default, bool) else text
+
+
+def add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per public SolveOptions field, in the groups of CLI_GROUPS: type, default and
+    choices from the field's annotation, help from its docstring. Defaults stay None here so that
+    SolveOptions itself applies (and validates) them."""
+    fields = SolveOptions.model_fields
+    for group, names in CLI_GROUPS.items():
+        g = p.add_argument_group(f"{group} options")
+        for name in names:
+            f = fields[name]
+            extras = dict(_FLAG_EXTRAS.get(name, {}))
+            suffix = extras.pop("help_suffix", "")
+            kind, choices = _kind(f.annotation)
+            if kind is bool:
+                g.add_argument(_flag(name), action="store_true", default=None, help=_help(f, suffix))
+                continue
+            kw: dict[str, Any] = {"type": kind, "choices": choices, "default": None, "help": _help(f, suffix)}
+            kw.update(extras)
+            g.add_argument(_flag(name), **kw)
+
+
+def _kind(annotation: Any) -> tuple[type, list | None]:
+    """(argparse type, choices) of a field annotation: Literal -> its values, X | None -> X."""
+    if get_origin(annotation) is Literal:
+        values = list(get_args(annotation))
+        return type(values[0]), values
+    if get_origin(annotation) in (Union, types.UnionType):
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _kind(inner)
+    return annotation, None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="routing trace (.npz), or a load-only trace (then --objective balance)")
-    p.add_argument("--ep-size", type=int, required=True, help="number of EP ranks R")
-    topo = p.add_mutually_exclusive_group(required=True)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--trace", required=True, help="routing trace (.npz; `moeplace import` converts other formats), "
+                    "or a load-only trace (then --objective balance)")
+    io.add_argument("--ep-size", type=int, required=True, help="number of EP ranks R")
+    topo = io.add_mutually_exclusive_group(required=True)
     topo.add_argument("--ranks-per-node", type=int, help="G consecutive ranks per node")
     topo.add_argument("--topology", help="JSON file {nodes: [[ranks]], link_cost: [[...]]}")
-    p.add_argument(
-        "--objective", default=None, choices=["node_sends", "rank_sends", "hop_cost", "balance"],
-        help="node_sends (default for a per-token trace), rank_sends, hop_cost; balance: load only (default, and the "
-        "only choice, for a load-only trace)",
-    )
-    p.add_argument("--inter-layer-weight", type=float, default=0.0)
-    p.add_argument("--max-imbalance", type=float, default=1.05, help="train max/mean load bound (default 1.05)")
-    p.add_argument("--redundant-per-rank", type=int, default=0, help="extra slots per rank for expert copies")
-    p.add_argument(
-        "--copy-placement", default=None, choices=["locality", "balance"],
-        help="locality (default): copies by exact train node_sends savings under the replica rule, within the load cap; "
-        "balance: the earlier EPLB-style placement",
-    )
-    p.add_argument("--time-limit", type=float, default=60.0, help="total seconds (default 60)")
-    p.add_argument("--train-fraction", type=float, default=1.0, help="plan from this share of requests; rest held out")
-    p.add_argument("--balance-folds", type=int, default=1, help="also bound the load of each of this many request folds")
-    p.add_argument(
-        "--balance-target", default="train", choices=["train", "expected"],
-        help="train: every layer's train load <= --max-imbalance; expected: mean predicted held-out imbalance <= it",
-    )
-    p.add_argument("--balance-risk", type=float, default=0.0, help="keep this many std of request-sampling noise under the cap")
-    p.add_argument(
-        "--balance-confidence", type=float, default=0.5,
-        help="with --balance-target expected: bound this quantile of the held-out imbalance (default 0.5: its mean)",
-    )
-    p.add_argument(
-        "--risk-scale", type=float, default=None,
-        help="variance factor on the load-noise model (default: measured on the train requests; 1 = raw model)",
-    )
-    p.add_argument(
-        "--preserve-groups", type=int, nargs="?", const=-1, default=0, metavar="N",
-        help="group-preserving mode for grouped top-k models: every expert stays in the physical slots of its own "
-        "id group (N groups of E/N); without N, read n_group from --model DIR/config.json",
-    )
-    p.add_argument("--model", default=None, help="model folder (or its config.json); read for n_group by --preserve-groups")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="same output for the same seed, regardless of load")
-    p.add_argument("--model-name", default=None)
-    p.add_argument("--out", required=True, help="plan.json to write")
+    io.add_argument("--out", required=True, help="plan.json to write")
+    io.add_argument("--model", default=None, help="model folder (or its config.json); read for n_group by --preserve-groups")
+    io.add_argument("--model-name", default=None, help="model name recorded in the plan (default: the trace's meta)")
+    add_option_flags(p)
 
 
 def _topology(args: argparse.Namespace) -> Topology:
@@ -87,7 +111,7 @@ def model_n_group(path: str) -> int:
     return n
 
 
-def _preserve_groups(args: argparse.Namespace) -> int:
+def _preserve_groups(args: argparse.Namespace) -> int | None:
     if args.preserve_groups == -1:
         if not args.model:
             raise MoeplaceError("--preserve-groups without N needs --model DIR to read n_group from its config.json")
@@ -98,15 +122,13 @@ def _preserve_groups(args: argparse.Namespace) -> int:
 def _per_token_options(args: argparse.Namespace) -> list[str]:
     """The options given that only the per-token solver understands."""
     given = []
-    if args.inter_layer_weight > 0:
+    if (args.inter_layer_weight or 0) > 0:
         given.append("--inter-layer-weight")
     if args.balance_target == "expected":
         given.append("--balance-target expected")
-    if args.balance_risk > 0:
+    if (args.balance_risk or 0) > 0:
         given.append("--balance-risk")
-    if args.balance_folds > 1:
-        given.append("--balance-folds")
-    if args.train_fraction < 1.0:
+    if args.train_fraction is not None and args.train_fraction < 1.0:
         given.append("--train-fraction")
     if args.preserve_groups:
         given.append("--preserve-groups")
@@ -126,21 +148,22 @@ def _run_balance(args: argparse.Namespace, load_only: bool) -> int:
         if load_only:
             raise refusal(args.trace, f"{given[0]} ({PER_TOKEN_OPTIONS[given[0]]})")
         raise MoeplaceError(f"--objective balance places by expert load only; {given[0]} does not apply to it")
-    if args.redundant_per_rank < 0:
-        raise MoeplaceError(f"--redundant-per-rank {args.redundant_per_rank}: must be >= 0")
+    redundant = args.redundant_per_rank or 0
+    if redundant < 0:
+        raise MoeplaceError(f"--redundant-per-rank {redundant}: must be >= 0")
     topology = _topology(args)
     if load_only:
         load = load_load_trace(args.trace)
     else:
         import numpy as np
 
-        from vllm_moeplace.solver.stats import expert_load
+        from vllm_moeplace.trace_stats import expert_load
 
         trace = load_trace(args.trace)
         load = LoadTrace(expert_load=expert_load(trace)[None].astype(np.int64), layer_ids=trace.layer_ids,
                          num_experts=trace.num_experts, meta=dict(trace.meta, format="native trace counts"))
-    check_redundant_per_rank(args.redundant_per_rank, load.num_experts, topology.ep_size)
-    plan = balance_plan(load, topology, args.redundant_per_rank, model_name=args.model_name,
+    check_redundant_per_rank(redundant, load.num_experts, topology.ep_size)
+    plan = balance_plan(load, topology, redundant, model_name=args.model_name,
                         extra={"trace": str(args.trace)})
     plan.save(args.out)
     s = plan.solver
@@ -153,32 +176,16 @@ def _run_balance(args: argparse.Namespace, load_only: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_moeplace.load_trace import is_load_trace
+    from vllm_moeplace.solver.pipeline import solve
 
     load_only = is_load_trace(args.trace)
     if load_only or args.objective == "balance":
         return _run_balance(args, load_only)
 
-    from vllm_moeplace.solver.options import SolveOptions
-    from vllm_moeplace.solver.pipeline import solve
-
     try:
-        opts = SolveOptions(
-            objective=args.objective or "node_sends",
-            inter_layer_weight=args.inter_layer_weight,
-            max_imbalance=args.max_imbalance,
-            redundant_per_rank=args.redundant_per_rank,
-            copy_placement=args.copy_placement or "locality",
-            time_limit=args.time_limit,
-            train_fraction=args.train_fraction,
-            seed=args.seed,
-            balance_folds=args.balance_folds,
-            balance_target=args.balance_target,
-            balance_risk=args.balance_risk,
-            risk_scale=args.risk_scale,
-            balance_confidence=args.balance_confidence,
-            deterministic=args.deterministic,
-            preserve_groups=_preserve_groups(args),
-        )
+        given = {name: getattr(args, name) for names in CLI_GROUPS.values() for name in names}
+        given["preserve_groups"] = _preserve_groups(args)
+        opts = SolveOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
         raise MoeplaceError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
@@ -196,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if "warning" in s:
         print(f"warning: {s['warning']}")
     if opts.train_fraction < 1.0:
-        from vllm_moeplace.solver.metrics import evaluate_layers
+        from vllm_moeplace.metrics import evaluate_layers
 
         held = trace.split_by_request(opts.train_fraction)[1]
         lin = {l: linear_layout(trace.num_experts, args.ep_size) for l in plan.layers}

@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Plan, PlanError, load_plan
-from vllm_moeplace.solver.metrics import check_plan_fits_trace
+from vllm_moeplace.metrics import check_plan_fits_trace
 from vllm_moeplace.solver.topology_file import describe
 from vllm_moeplace.trace import load_trace
 

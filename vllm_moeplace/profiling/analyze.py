@@ -2,7 +2,8 @@
 
 The statistics are pure numpy functions over small arrays (unit-tested on hand-made traces in
 tests/test_analyze_stats.py); `analyze(trace)` runs them all and `render_report` writes markdown.
-Counting (per-layer load, co-activation and transition counts) reuses `vllm_moeplace.solver.stats`.
+Counting (per-layer and per-label load, co-activation and transition counts, pair counts, Gini)
+is `vllm_moeplace.trace_stats`, shared with the solver.
 
 Vocabulary: a *layer index* l is a position 0..L-1 in `trace.layer_ids`; the *decoder layer* is
 `trace.layer_ids[l]`. Reports name decoder layers.
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_moeplace.plan import linear_layout
-from vllm_moeplace.solver.stats import coactivation, expert_load, transitions
+from vllm_moeplace.trace_stats import coactivation, expert_load, gini, pair_counts, transitions
 from vllm_moeplace.trace import Trace
 
 TOP_PAIRS = 10
@@ -24,20 +25,6 @@ TRANSITION_TOP_FRACTION = 0.2
 
 
 # ---- pure statistics -------------------------------------------------------------------------
-def gini(x: np.ndarray) -> np.ndarray:
-    """Gini coefficient along the last axis of non-negative x: 0 = all equal, (n-1)/n = one holds all.
-
-    Sorted form of sum_ij |x_i - x_j| / (2 n^2 mean). An all-zero row gives 0.
-    """
-    x = np.sort(np.asarray(x, dtype=np.float64), axis=-1)
-    n = x.shape[-1]
-    total = x.sum(axis=-1)
-    i = np.arange(1, n + 1, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        g = (2.0 * (x * i).sum(axis=-1)) / (n * total) - (n + 1.0) / n
-    return np.where(total > 0, g, 0.0)
-
-
 def max_over_mean(x: np.ndarray) -> np.ndarray:
     """max / mean along the last axis (1 = perfectly balanced); an all-zero row gives 1."""
     x = np.asarray(x, dtype=np.float64)
@@ -93,13 +80,6 @@ def weighted_top_share(trans: np.ndarray, fraction: float = TRANSITION_TOP_FRACT
     m = max(1, math.ceil(fraction * trans.shape[-1]))
     total = trans.sum()
     return float(-np.sort(-trans, axis=-1)[:, :m].sum() / total) if total > 0 else float("nan")
-
-
-def pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int) -> np.ndarray:
-    """[E, E] counts of (a[t, i], b[t, j]) over tokens t and all i, j. a, b: int [T, K]."""
-    E = num_experts
-    codes = a.astype(np.int64)[:, :, None] * E + b.astype(np.int64)[:, None, :]  # [T, K, K]
-    return np.bincount(codes.ravel(), minlength=E * E).reshape(E, E)
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -188,15 +168,6 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
 
-def _per_label_load(trace: Trace, mask: np.ndarray) -> np.ndarray:
-    """expert_load of the tokens where mask is True: int64 [L, E] (no Trace copy: validating one
-    would re-sort the whole id array)."""
-    ids = trace.topk_ids[mask].astype(np.int64)  # [t, L, K]
-    L, E = trace.num_layers, trace.num_experts
-    ids += (np.arange(L, dtype=np.int64) * E)[None, :, None]
-    return np.bincount(ids.ravel(), minlength=L * E).reshape(L, E)
-
-
 def analyze(trace: Trace, ranks: tuple[int, ...] = (), hot_k: int | None = None) -> Analysis:
     """All statistics of the report. `ranks`: EP sizes for the contiguous-layout rank imbalance."""
     T, L, K = trace.topk_ids.shape
@@ -251,8 +222,8 @@ def analyze(trace: Trace, ranks: tuple[int, ...] = (), hot_k: int | None = None)
     pd = None
     n_pre = int(trace.is_prefill.sum())
     if 0 < n_pre < T:
-        lp = _per_label_load(trace, trace.is_prefill)
-        ld = _per_label_load(trace, ~trace.is_prefill)
+        lp = expert_load(trace, trace.is_prefill)
+        ld = expert_load(trace, ~trace.is_prefill)
         pd = np.array([spearman(lp[l], ld[l]) for l in range(L)])
 
     # per-label hot experts
@@ -265,7 +236,7 @@ def analyze(trace: Trace, ranks: tuple[int, ...] = (), hot_k: int | None = None)
         first_seen = np.unique(trace.request_ids, return_index=True)
         labels = list(dict.fromkeys(trace.labels[first_seen[0]].tolist()))
         for lab in labels:
-            ll = _per_label_load(trace, req_labels == lab)
+            ll = expert_load(trace, req_labels == lab)
             label_hot[lab] = np.stack([hot_set(ll[l], hk) for l in range(L)])
         if len(labels) >= 2:
             n = len(labels)
@@ -282,7 +253,7 @@ def analyze(trace: Trace, ranks: tuple[int, ...] = (), hot_k: int | None = None)
     if reqs.size >= 2:
         cut = reqs[(reqs.size + 1) // 2 - 1]
         first = trace.request_ids <= cut
-        a, b = _per_label_load(trace, first), _per_label_load(trace, ~first)
+        a, b = expert_load(trace, first), expert_load(trace, ~first)
         corr = np.array([pearson(a[l], b[l]) for l in range(L)])
         l1 = np.array([l1_distance(a[l], b[l]) for l in range(L)])
     else:

@@ -5,7 +5,7 @@ request-sampling noise. So a single train cap for every layer is the wrong contr
 ignores that some layers give up much more co-location than others for the same balance, and it
 bounds an imbalance nobody will see (the train one). Here each layer is solved at several train
 caps; every candidate's *expected held-out* imbalance is predicted from the layer's load
-covariance (`stats.load_risk`, Monte-Carlo over Gaussian noise with common random numbers, so
+covariance (`trace_stats.load_risk`, Monte-Carlo over Gaussian noise with common random numbers, so
 candidates are compared on the same draws); and a multiple-choice knapsack (CP-SAT, exact) picks
 one candidate per layer minimising node_sends with the mean predicted imbalance under the bound.
 """

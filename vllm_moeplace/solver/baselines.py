@@ -22,7 +22,7 @@ import numpy as np
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.plan import Plan, Topology, validate_plan
 from vllm_moeplace.solver import eplb
-from vllm_moeplace.solver.stats import expert_load
+from vllm_moeplace.trace_stats import expert_load
 from vllm_moeplace.trace import Trace
 
 BASELINES = ("linear", "round_robin", "eplb", "eplb_global", "greedy")

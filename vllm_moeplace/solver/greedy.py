@@ -5,7 +5,7 @@ and, with a load cap, the warm start of the CP-SAT pipeline.
 
 Step 1: for each node in turn, seed it with the hottest unplaced expert, then keep adding the
         unplaced expert with the largest co-activation (tokens choosing both) with the group.
-Step 2: pairwise swaps between nodes while node_sends drops (`cpsat_local.SwapSearch`).
+Step 2: pairwise swaps between nodes while node_sends drops (`swap_search.SwapSearch`).
 Step 3: inside each node, experts onto ranks by longest-processing-time (heaviest expert to the
         least-loaded rank that still has a free slot).
 """
@@ -17,9 +17,9 @@ import time
 import numpy as np
 
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.solver import stats
-from vllm_moeplace.solver.cpsat_instance import LayerInstance, node_weights
-from vllm_moeplace.solver.cpsat_local import SwapSearch
+from vllm_moeplace import trace_stats as stats
+from vllm_moeplace.solver.instance import LayerInstance, node_weights
+from vllm_moeplace.solver.swap_search import SwapSearch
 from vllm_moeplace.trace import Trace
 
 
@@ -33,9 +33,9 @@ def coactivation_greedy(
     """Baseline placement of MoE layer `layer_idx` (0-based index into trace.layer_ids).
 
     Returns int64 [R, S]: expert in slot s of rank r. S defaults to E / R; S > E / R adds
-    redundant copies of the hottest experts (see `cpsat_redundancy.add_replicas`).
+    redundant copies of the hottest experts (see `redundancy.add_replicas`).
     """
-    from vllm_moeplace.solver.cpsat_redundancy import add_replicas
+    from vllm_moeplace.solver.redundancy import add_replicas
 
     E, R = trace.num_experts, topology.ep_size
     if E % R:

@@ -1,18 +1,23 @@
-"""Options of `solve()` (and of `moeplace solve`), validated once at the edge."""
+"""Options of `solve()` and of `moeplace solve`: one source for both. Each field's type, default
+and docstring become its command-line flag, choices and help (`cli/solve.py` generates them);
+`CLI_GROUPS` orders them in `--help`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-Objective = Literal["node_sends", "rank_sends", "hop_cost"]
+# Registered implementations: solver/objectives (OBJECTIVES), solver/balance (BALANCE_STRATEGIES);
+# each registry checks at import that it matches its Literal.
+ObjectiveName = Literal["node_sends", "rank_sends", "hop_cost"]
+BalanceTarget = Literal["train", "expected"]
 
 
 class SolveOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    objective: Objective = "node_sends"
+    objective: ObjectiveName = "node_sends"
     """Primary objective. node_sends is always the node-level criterion; rank_sends adds the
     rank-level term inside nodes, hop_cost adds each expert's mean link cost from all origins."""
     inter_layer_weight: float = Field(default=0.0, ge=0.0)
@@ -20,7 +25,7 @@ class SolveOptions(BaseModel):
     layers, which are then solved in order with layer l fixed when placing l+1."""
     max_imbalance: float = Field(default=1.05, ge=1.0)
     """Hard bound on max/mean load; what it bounds depends on balance_target."""
-    balance_target: Literal["train", "expected"] = "train"
+    balance_target: BalanceTarget = "train"
     """train: every layer's train max/mean load, per node and per rank, is <= max_imbalance
     (held-out drifts above it). expected: the mean over layers of the predicted held-out rank
     imbalance (request-sampling noise model, `allocate`) is <= max_imbalance; each layer's train
@@ -35,7 +40,7 @@ class SolveOptions(BaseModel):
     """With redundant_per_rank: locality = copies chosen by their exact train node_sends decrease
     under the replica rule, within the rank load cap (`solver.replicas`), and every slot then
     re-optimised; balance = the earlier rule (EPLB-style copy counts, copies on the lightest ranks,
-    `cpsat_redundancy`), kept for comparison."""
+    `redundancy`), kept for comparison."""
     preserve_groups: int = Field(default=0, ge=0)
     """> 0: group-preserving mode for grouped top-k models (DeepSeek-V3/R1 n_group): the experts
     form this many contiguous id groups of E / n experts, and expert e may only sit in physical
@@ -46,28 +51,33 @@ class SolveOptions(BaseModel):
     """Total wall-clock budget of the search, split evenly over the layers."""
     train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     """Plan from the first fraction of requests; the rest is held out for the report."""
-    balance_folds: int = Field(default=1, ge=1, le=8)
-    """> 1: the train requests are cut into this many folds and every fold must also meet
-    max_imbalance at node level (a hedge against balancing one sample's noise)."""
     balance_risk: float = Field(default=0.0, ge=0.0)
     """> 0: every node and rank must meet max_imbalance with this many standard deviations of
-    request-sampling noise to spare (`stats.load_risk`): balance that holds on unseen requests,
+    request-sampling noise to spare (`trace_stats.load_risk`): balance that holds on unseen requests,
     not only on the train ones."""
     risk_scale: float | None = Field(default=None, gt=0.0)
     """Variance factor on the load-risk model (balance_risk and the held-out imbalance prediction).
-    None: measured on the train requests alone (`stats.risk_calibration`: first half vs second
+    None: measured on the train requests alone (`trace_stats.risk_calibration`: first half vs second
     half), since request order drifts more than sampling predicts. 1.0: the raw model."""
     seed: int = 0
+    """Seed of every random choice (kicks, neighbourhoods, CP-SAT, the noise model)."""
     deterministic: bool = False
     """Reproducible regardless of load: one CP-SAT worker bounded by deterministic time, and the
     local search bounded by iteration counts instead of the clock."""
     workers: int = Field(default=2, ge=1, le=2)
+    """CP-SAT workers per neighbourhood (not deterministic mode, which uses one)."""
     lns_fraction: float = Field(default=0.4, ge=0.0, le=1.0)
     """Share of each layer's budget spent on CP-SAT re-optimisation of node pairs (the rest on
     perturb-and-descend local search)."""
 
-    @model_validator(mode="after")
-    def _check(self) -> "SolveOptions":
-        if self.objective == "hop_cost" and self.inter_layer_weight < 0:
-            raise ValueError("inter_layer_weight must be >= 0")
-        return self
+
+# `moeplace solve --help` groups; fields not listed are Python-API knobs (CLI_INTERNAL).
+CLI_GROUPS: dict[str, tuple[str, ...]] = {
+    "core": ("max_imbalance", "time_limit", "redundant_per_rank", "train_fraction", "objective", "copy_placement",
+             "preserve_groups", "inter_layer_weight"),
+    "balance": ("balance_target", "balance_confidence", "balance_risk", "risk_scale"),
+    "search": ("deterministic", "seed"),
+}
+# Internal: measured defaults that a user has no reason to change (the CP-SAT share of the search,
+# the worker count of a 2-core machine); settable from Python for experiments.
+CLI_INTERNAL: tuple[str, ...] = ("lns_fraction", "workers")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
+from vllm_moeplace.solver.instance import LayerInstance
 
 _EPS = 1e-9
 
@@ -98,7 +98,7 @@ class CopyState:
         for m in range(self.N):
             np.add.at(self.C[m], (tok, self.HN[m]), 1)
         self.RL = self.LV.sum(axis=0)
-        # Optional held-out risk (`stats.load_risk`, scaled by balance_risk^2): rank r serves the
+        # Optional held-out risk (`trace_stats.load_risk`, scaled by balance_risk^2): rank r serves the
         # share F[e, r] = LV[e, r] / load_e of each expert's pairs, so its held-out load drifts with
         # std sqrt(F[:, r]' Q F[:, r]); the cap must hold with that margin.
         self.Q = None if risk is None else np.asarray(risk, dtype=np.float64)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vllm_moeplace.solver import stats
+from vllm_moeplace import trace_stats as stats
 from vllm_moeplace.trace import Trace
 
 

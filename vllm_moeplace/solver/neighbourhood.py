@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from vllm_moeplace.solver.cpsat_local import SwapSearch
+from vllm_moeplace.solver.swap_search import SwapSearch
 
 
 @dataclass(frozen=True)
@@ -135,14 +135,6 @@ def reoptimise_units(
             cur = int(np.round(search.unit_load[u])) - fixed
             capj = max(int(np.floor(search.cap[u] - margin[u] + 1e-6)) - fixed, cur)  # never stricter than the hint
             model.add(sum(int(load_i[i]) * x[i][j] for i in range(n_e)) <= capj)  # load bound
-        for fl, fu, fc in zip(search.fold_loads, search.fold_unit, search.fold_caps):
-            if not np.isfinite(fc[u]):
-                continue
-            fli = np.round(fl[experts]).astype(np.int64)
-            fixed = int(np.round(fu[u] - fl[experts][a[experts] == u].sum()))
-            cur = int(np.round(fu[u])) - fixed
-            capj = max(int(np.floor(fc[u] + 1e-6)) - fixed, cur)
-            model.add(sum(int(fli[i]) * x[i][j] for i in range(n_e)) <= capj)  # per-fold load bound
     y = []
     obj = []
     for q in range(len(qproj)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
+from vllm_moeplace.solver.instance import LayerInstance
 
 
 def star_lower_bound(inst: LayerInstance, slots_per_unit: int, min_unit_weight: float) -> float:

@@ -3,7 +3,7 @@
 Units have fixed slot counts, so the neighbourhood is "swap two experts on different units";
 it keeps every unit's slot count and is the move set the CP-SAT LNS and the greedy share.
 
-Cost model (see `cpsat_instance`): cost(a) = Σ_p Σ_u CW[p, u] [p touches u] + Σ_e lin[e, a_e],
+Cost model (see `instance`): cost(a) = Σ_p Σ_u CW[p, u] [p touches u] + Σ_e lin[e, a_e],
 CW[p, u] = count_p * w_u (optionally a per-pattern weight, used for the inter-layer term).
 
 Speed trick: with cnt[p, u] = experts of p on u, the cost of moving e alone to u is
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from vllm_moeplace.solver.cpsat_instance import LayerInstance
+from vllm_moeplace.solver.instance import LayerInstance
 
 _EPS = 1e-9
 
@@ -36,8 +36,6 @@ class SwapSearch:
         pattern_weight: np.ndarray | None = None,
         unit_group: np.ndarray | None = None,
         load: np.ndarray | None = None,
-        fold_loads: np.ndarray | None = None,
-        fold_caps: np.ndarray | None = None,
         risk: np.ndarray | None = None,
         expert_class: np.ndarray | None = None,
     ):
@@ -54,14 +52,9 @@ class SwapSearch:
         self.cap = np.full(self.U, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
         self.cnt = inst.unit_counts(self.a, self.U)
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
-        # Optional extra load constraints, one per fold of the train requests: a placement
-        # balanced on every fold, not just on their sum, is less tuned to one sample's noise.
-        self.fold_loads = np.zeros((0, len(self.a))) if fold_loads is None else np.asarray(fold_loads, dtype=np.float64)
-        self.fold_caps = np.zeros((0, self.U)) if fold_caps is None else np.asarray(fold_caps, dtype=np.float64)
-        self.fold_unit = np.stack([np.bincount(self.a, weights=fl, minlength=self.U) for fl in self.fold_loads]) if len(self.fold_loads) else np.zeros((0, self.U))
         # Optional sampling-risk margin: a unit's load must stay under its cap by sqrt(w' Q w),
         # w its expert indicator, Q [E, E] the (scaled) covariance of expert loads between
-        # request samples (`stats.load_risk`). Held-out loads of experts that fire for the same
+        # request samples (`trace_stats.load_risk`). Held-out loads of experts that fire for the same
         # requests move together, so the margin steers correlated hot experts apart.
         self.Q = None if risk is None else np.asarray(risk, dtype=np.float64)
         self.refresh_risk()
@@ -77,8 +70,7 @@ class SwapSearch:
         return float(((self.cnt > 0) * self.CW).sum() + self.lin[np.arange(len(self.a)), self.a].sum())
 
     def overflow(self) -> float:
-        over = np.maximum(self.unit_load + self.margin() - self.cap, 0).sum()
-        return float(over + np.maximum(self.fold_unit - self.fold_caps, 0).sum())
+        return float(np.maximum(self.unit_load + self.margin() - self.cap, 0).sum())
 
     def margin(self, qv: np.ndarray | None = None) -> np.ndarray:
         """Per-unit risk margin sqrt(w' Q w) (zeros without a risk matrix)."""
@@ -106,8 +98,6 @@ class SwapSearch:
 
     def refresh_loads(self) -> None:
         self.unit_load = np.bincount(self.a, weights=self.load, minlength=self.U)
-        for i, fl in enumerate(self.fold_loads):
-            self.fold_unit[i] = np.bincount(self.a, weights=fl, minlength=self.U)
         self.refresh_risk()
 
     def move_deltas(self) -> np.ndarray:
@@ -151,10 +141,6 @@ class SwapSearch:
         dl = self.load[f] - self.load[e]
         self.unit_load[ua] += dl
         self.unit_load[ub] -= dl
-        if len(self.fold_loads):
-            fd = self.fold_loads[:, f] - self.fold_loads[:, e]
-            self.fold_unit[:, ua] += fd
-            self.fold_unit[:, ub] -= fd
         if self.Q is not None:
             self.qv[ua], self.qv[ub] = self._swap_qv(e, f, ua, ub)  # a[] is already exchanged
             dq = self.Q[f] - self.Q[e]
@@ -174,14 +160,7 @@ class SwapSearch:
         # A unit may exceed its cap only if it already did and the swap does not make it worse.
         ok_a = na <= self.cap[ua] + _EPS or na <= oa + _EPS
         ok_b = nb <= self.cap[ub] + _EPS or nb <= ob + _EPS
-        if not (ok_a and ok_b):
-            return False
-        for i in range(len(self.fold_loads)):
-            fd = self.fold_loads[i, f] - self.fold_loads[i, e]
-            fa, fb, ca, cb = self.fold_unit[i, ua] + fd, self.fold_unit[i, ub] - fd, self.fold_caps[i, ua], self.fold_caps[i, ub]
-            if not ((fa <= ca + _EPS or fa <= self.fold_unit[i, ua] + _EPS) and (fb <= cb + _EPS or fb <= self.fold_unit[i, ub] + _EPS)):
-                return False
-        return True
+        return ok_a and ok_b
 
     # ---- searches ------------------------------------------------------------------------------
     def repair(self, deadline: float) -> None:
@@ -204,11 +183,6 @@ class SwapSearch:
                 ma, mb = margin[ua], margin[ub]
             over_now = np.maximum(self.unit_load[ua] + ma - self.cap[ua], 0) + np.maximum(self.unit_load[ub] + mb - self.cap[ub], 0)
             over_new = np.maximum(na - self.cap[ua], 0) + np.maximum(nb - self.cap[ub], 0)
-            for i, fl in enumerate(self.fold_loads):
-                fu, fc = self.fold_unit[i], self.fold_caps[i]
-                fdl = fl[None, :] - fl[:, None]
-                over_now = over_now + np.maximum(fu[ua] - fc[ua], 0) + np.maximum(fu[ub] - fc[ub], 0)
-                over_new = over_new + np.maximum(fu[ua] + fdl - fc[ua], 0) + np.maximum(fu[ub] - fdl - fc[ub], 0)
             gain = over_now - over_new
             gain[(ua == ub) | (self.group[ua] != self.group[ub]) | (self.eclass[:, None] != self.eclass[None, :])] = -np.inf
             best = gain.max()

@@ -1,4 +1,5 @@
-"""Routing statistics of a trace, the inputs every placement method is built from.
+"""Routing statistics of a trace: the one place they are counted, used by the solver, the
+synthetic-trace calibration and the analysis report (`profiling/analyze.py`).
 
 All functions are vectorised numpy over the whole trace (the real DeepSeek-V2-Lite trace is
 94k tokens x 26 layers x top-6; DeepSeek-R1 shape is 58 layers x 256 experts x top-8) and take a
@@ -19,22 +20,25 @@ def _check_layer(trace: Trace, l: int) -> None:
         raise TraceError(f"layer index {l} out of range 0..{trace.num_layers - 1} (trace has {trace.num_layers} MoE layers)")
 
 
-def expert_load(trace: Trace) -> np.ndarray:
+def expert_load(trace: Trace, mask: np.ndarray | None = None) -> np.ndarray:
     """Tokens routed to each expert at each MoE layer: int64 [L, E].
 
-    Each row sums to T * K (every token picks K distinct experts).
+    Each row sums to T * K (every token picks K distinct experts). `mask` (bool [T]): count only
+    those tokens (per label, prefill / decode) without building a sub-Trace, whose validation
+    would re-sort the whole id array.
     """
-    T, L, K = trace.topk_ids.shape
+    ids = trace.topk_ids if mask is None else trace.topk_ids[mask]
+    _, L, K = ids.shape
     E = trace.num_experts
     # Offset expert ids by layer so one bincount covers all layers.
-    flat = trace.topk_ids.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None]
+    flat = ids.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None]
     return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
 
 
-def _pair_counts(a: np.ndarray, b: np.ndarray, E: int) -> np.ndarray:
+def pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int) -> np.ndarray:
     """Counts of (a[t, i], b[t, j]) over all t, i, j: int64 [E, E]. a, b: int [T, K]."""
-    T = a.shape[0]
-    if T == 0:
+    E = num_experts
+    if a.shape[0] == 0:
         return np.zeros((E, E), dtype=np.int64)
     # [T, K, K] pair codes; at R1 shape (50k x 8 x 8) this is 3.2M int64 = 26 MB, acceptable.
     codes = a.astype(np.int64)[:, :, None] * E + b.astype(np.int64)[:, None, :]
@@ -49,7 +53,7 @@ def coactivation(trace: Trace, l: int) -> np.ndarray:
     """
     _check_layer(trace, l)
     ids = trace.topk_ids[:, l, :]
-    return _pair_counts(ids, ids, trace.num_experts)
+    return pair_counts(ids, ids, trace.num_experts)
 
 
 def transitions(trace: Trace, l: int) -> np.ndarray:
@@ -61,7 +65,7 @@ def transitions(trace: Trace, l: int) -> np.ndarray:
     _check_layer(trace, l)
     if l + 1 >= trace.num_layers:
         raise TraceError(f"no MoE layer after layer index {l} (trace has {trace.num_layers} MoE layers)")
-    return _pair_counts(trace.topk_ids[:, l, :], trace.topk_ids[:, l + 1, :], trace.num_experts)
+    return pair_counts(trace.topk_ids[:, l, :], trace.topk_ids[:, l + 1, :], trace.num_experts)
 
 
 def unique_patterns(trace: Trace, l: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,13 +86,19 @@ def unique_patterns(trace: Trace, l: int) -> tuple[np.ndarray, np.ndarray]:
     return pats.astype(np.int64), counts.astype(np.int64)
 
 
-def gini(x: np.ndarray) -> float:
-    """Gini coefficient of non-negative values (0 = all equal, -> 1 = one holds everything)."""
-    x = np.sort(np.asarray(x, dtype=np.float64))
-    n, s = x.size, x.sum()
-    if n == 0 or s == 0:
-        return 0.0
-    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * s))
+def gini(x: np.ndarray) -> np.ndarray:
+    """Gini coefficient along the last axis of non-negative x: 0 = all equal, (n-1)/n = one holds all.
+
+    Sorted form of sum_ij |x_i - x_j| / (2 n^2 mean). An all-zero (or empty) row gives 0; a 1-D
+    input gives a 0-d array (use float()).
+    """
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=-1)
+    n = x.shape[-1]
+    total = x.sum(axis=-1)
+    i = np.arange(1, n + 1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g = (2.0 * (x * i).sum(axis=-1)) / (n * total) - (n + 1.0) / n
+    return np.where(total > 0, g, 0.0)
 
 
 def routing_summary(trace: Trace, min_expected: float = 20.0) -> dict[str, float]:
@@ -108,7 +118,7 @@ def routing_summary(trace: Trace, min_expected: float = 20.0) -> dict[str, float
     E = trace.num_experts
     load = expert_load(trace).astype(np.float64)  # [L, E]
     mom = load.max(axis=1) / load.mean(axis=1)
-    ginis = [gini(row) for row in load]
+    ginis = gini(load)  # [L]
     iu = np.triu_indices(E, 1)
     lifts, shares = [], []
     for l in range(L):

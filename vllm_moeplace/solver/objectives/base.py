@@ -1,0 +1,83 @@
+"""What an objective is to the solver: the interface every objective module implements.
+
+The search optimises one cost shape, per MoE layer, over an assignment a[e] of experts to nodes:
+
+    cost(a) = Σ_p count_p Σ_n w[n] s_p [pattern p touches node n]  +  Σ_e lin[e, a_e]
+
+(`NodeTerms`: w = `unit_weight`, lin = `linear`, s_p = `pattern_scale` times the inter-layer
+weights when that term is on). Everything the search needs is derived from these terms by the
+search itself, so an objective supplies only them:
+
+- the swap search (`swap_search.SwapSearch`) prices every single-expert move and confirms swaps
+  with exact incremental deltas over the two experts' patterns;
+- a CP-SAT neighbourhood (`neighbourhood.reoptimise_units`) projects the patterns on its free
+  experts and uses the same w and lin as its coefficients;
+- the reported lower bound is the objective's own (`lower_bound`), or the trivial one.
+
+Inside a node, which rank holds an expert changes no node term; `rank_weight` says whether the
+objective also prices ranks (a token touching rank r costs rank_weight[r]) or leaves the ranks to
+balance alone. An objective that cannot be written in this shape needs a new search, not a new
+module here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from vllm_moeplace.plan import Topology
+from vllm_moeplace.solver.instance import LayerInstance, node_weights
+
+
+@dataclass(frozen=True)
+class NodeTerms:
+    unit_weight: np.ndarray  # float64 [N]: cost of a token touching node n (scaled x R)
+    linear: np.ndarray | None  # float64 [E, N]: cost of expert e sitting on node n, or None
+    pattern_scale: float = 1.0  # factor on per-pattern weights (the inter-layer term's)
+
+
+@dataclass(frozen=True)
+class BoundInputs:
+    """What a search-based lower bound may use: the layer, the node sizes, the incumbent (a
+    starting point for bound searches) and the seconds it may take."""
+
+    inst: LayerInstance
+    sizes: np.ndarray  # int [N]: expert slots per node
+    node_assign: np.ndarray  # int64 [E]: the incumbent's node of every expert
+    deterministic: bool
+    seconds: float
+
+
+class Objective(ABC):
+    """One objective of `SolveOptions.objective`; registered in `objectives.OBJECTIVES`."""
+
+    name: ClassVar[str]
+    # The `Metrics` field (vllm_moeplace.metrics) this objective is scored by.
+    metric: ClassVar[str]
+
+    @abstractmethod
+    def node_terms(self, topology: Topology, load: np.ndarray) -> NodeTerms:
+        """The node-level cost terms of one layer. load: float64 [E] (token, expert) pairs."""
+
+    def rank_weight(self, topology: Topology) -> np.ndarray | None:
+        """float [R]: cost of a token touching rank r inside its nodes, or None when ranks are
+        placed for balance only (the default)."""
+        return None
+
+    def trivial_bound(self, inst: LayerInstance, terms: NodeTerms) -> float:
+        """Valid for any placement: every pattern touches at least one node (0 with a linear
+        term, which may be negative relative to the others)."""
+        return float(inst.counts.sum() * terms.unit_weight.min()) if terms.linear is None else 0.0
+
+    def lower_bound(self, terms: NodeTerms, inputs: BoundInputs) -> float:
+        """The best lower bound this objective knows on the layer's node-level cost, valid for
+        every load cap. Default: the trivial one."""
+        return self.trivial_bound(inputs.inst, terms)
+
+
+def node_sends_weights(topology: Topology) -> np.ndarray:
+    """The node_sends unit weights (x R): touching node n costs R - g_n."""
+    return node_weights(topology.ranks_per_node, topology.ep_size)
