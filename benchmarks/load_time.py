@@ -103,13 +103,8 @@ def main() -> None:
         return copies_main(a)
     a.out = a.out or str(ROOT / "benchmarks" / "results" / "load_time.md")
     work = Path(a.work)
-    spec = dict(arch="qwen3_moe", num_layers=a.layers, num_experts=a.experts, hidden_size=a.hidden,
-                moe_intermediate_size=a.moe_intermediate, top_k=2)
-    model = work / "model"
-    stamp = work / "spec.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()) == spec):
-        build_tiny_model(model, **spec)
-        stamp.write_text(json.dumps(spec))
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(work, a)
     plan_path = work / "plan.json"
     random_plan(model, ep_size=2, seed=0).save(plan_path)
     ckpt_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
