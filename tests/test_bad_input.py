@@ -56,6 +56,7 @@ class World:
         self.config = {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8, "num_hidden_layers": 3,
                        "mlp_only_layers": [0], "num_experts_per_tok": 2}
         self.model = self.model_dir("model", self.config)
+        self.prompts = self.write("prompts.jsonl", b'{"prompt": "hello"}\n')
 
     def write(self, name: str, obj: Any) -> Path:
         p = self.root / name
@@ -421,6 +422,8 @@ def _writers(w: World, out: Path) -> dict[str, list[Any]]:
         "random-plan": ["random-plan", "--model", w.model, "--ep-size", 2, "--out", out],
         "export": ["export", "--to", "sglang", "--plan", w.plan, "--out", out],
         "import": ["import", "--format", "hf-hook-csv", str(ROOT / "tests"), "--out", out],
+        # refused before vLLM is imported: an engine start would take far longer than the limit below
+        "profile": ["profile", w.model, "--prompts", w.prompts, "--out", out],
     }
 
 
@@ -432,7 +435,7 @@ OUT_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", ["solve", "baseline", "synth", "random-plan", "export", "import"])
+@pytest.mark.parametrize("command", ["solve", "baseline", "synth", "random-plan", "export", "import", "profile"])
 @pytest.mark.parametrize("case", list(OUT_CASES))
 def test_bad_output_paths_refused_before_computing(world: World, tmp_path: Path, case: str, command: str) -> None:
     make, needles = OUT_CASES[case]
@@ -449,6 +452,25 @@ def test_analyze_output_folder(world: World, tmp_path: Path, case: str) -> None:
     f.write_text("x")
     out = {"is_a_file": f, "inside_a_file": f / "report", "not_creatable": Path("/proc/self/none/report")}[case]
     assert_refused(["analyze", world.trace, "--out", out], ["--out", str(out)])
+
+
+def _folder_writers(w: World, out: Path) -> dict[str, list[Any]]:
+    return {
+        "tiny-model": ["tiny-model", "--layers", 1, "--experts", 4, "--top-k", 2, "--out", out],
+        "bench": ["bench", w.model, "--plan", w.plan, "--out", out],  # would start two vLLM servers
+        "demo": ["demo", "--out", out],  # would run the whole main job
+    }
+
+
+@pytest.mark.parametrize("command", ["tiny-model", "bench", "demo"])
+@pytest.mark.parametrize("case", ["is_a_file", "inside_a_file", "not_creatable"])
+def test_output_folders_refused_before_starting(world: World, tmp_path: Path, case: str, command: str) -> None:
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    out = {"is_a_file": f, "inside_a_file": f / "run", "not_creatable": Path("/proc/self/none/run")}[case]
+    t0 = time.perf_counter()
+    assert_refused(_folder_writers(world, out)[command], ["--out", str(out)])
+    assert time.perf_counter() - t0 < 10 and f.read_text() == "x"
 
 
 # --------------------------------------------------------------------------- empty import sources

@@ -43,6 +43,14 @@ OUTPUTS: dict[str, dict[str, Kind]] = {
     "solve": {"out": "file"},
     "baseline": {"out": "file"},
     "export": {"out": "file"},
+    "tiny-model": {"out": "dir"},
+    "profile": {"out": "file"},
+}
+# Long runs whose folder holds server logs: the path is checked before anything starts, but a run
+# that fails later keeps what it wrote (the logs say why it failed).
+CHECKED_ONLY: dict[str, dict[str, Kind]] = {
+    "bench": {"out": "dir"},
+    "demo": {"out": "dir"},
 }
 
 
@@ -81,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     harden_numeric_flags(parser)
     args = parser.parse_args(rest)
     outputs = [(dest, kind) for dest, kind in OUTPUTS.get(name, {}).items() if getattr(args, dest, None) is not None]
+    checked = [(d, k) for d, k in CHECKED_ONLY.get(name, {}).items() if getattr(args, d, None) is not None]
     try:
-        for dest, kind in outputs:
+        for dest, kind in outputs + checked:
             check_output(str(getattr(args, dest)), f"--{dest.replace('_', '-')}", kind)
         with OutputGuard([(Path(getattr(args, dest)), kind) for dest, kind in outputs]):
             return int(module.run(args) or 0)
