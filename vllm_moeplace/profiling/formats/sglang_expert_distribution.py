@@ -56,7 +56,9 @@ def _load(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; any of them means "not a dump"
-        raise TraceImportError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from None
+        # torch's unpickling errors run to a page of advice; its first line says what failed
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TraceImportError(f"{path}: not a readable torch.save file ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or not ({"logical_count", "records"} & set(obj)):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise TraceImportError(f"{path}: not an SGLang expert distribution dump (expected key 'logical_count' or "
