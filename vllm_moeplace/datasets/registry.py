@@ -35,6 +35,7 @@ class Dataset:
     size_mb: int  # download size, for the user's information
     shared_trace: str | None = None  # the same trace, converted, under ../shared/data (if it is there)
     finish: Callable[[Trace], Trace] | None = None  # adjusts the imported trace
+    manifest: Path | None = None  # default: `<name>.sha256` beside this module
 
     @property
     def base_url(self) -> str:
@@ -47,7 +48,7 @@ class Dataset:
     def files(self) -> list[tuple[str, str]]:
         """(file name, expected sha256) in request order."""
         out = []
-        for line in (Path(__file__).with_name(f"{self.name}.sha256")).read_text().splitlines():
+        for line in (self.manifest or Path(__file__).with_name(f"{self.name}.sha256")).read_text().splitlines():
             digest, _, name = line.partition("  ")
             out.append((name, digest))
         return out
