@@ -61,7 +61,10 @@ def download(url: str, dest: Path, sha256: str) -> None:
             )
         os.replace(tmp, dest)
     except OSError as e:  # URLError and HTTPError are OSErrors; so are disk errors
-        raise DatasetError(f"{url}: download failed: {getattr(e, 'reason', None) or e}") from None
+        raise DatasetError(
+            f"{url}: download failed: {getattr(e, 'reason', None) or e} "
+            "(no network here? `--source-url BASE` fetches the same files from a mirror or a local copy)"
+        ) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
