@@ -34,7 +34,8 @@ pytestmark = pytest.mark.vllm
 def test_demo_main_job(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_MOEPLACE_", "MOEPLACE_RUNTIME"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    # an empty cache: without ../shared the real-trace half must say how to fetch the trace
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", MOEPLACE_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "vllm_moeplace", "demo", "--out", str(out), "--max-tokens", "4",
            "--solve-time", "2", "--real-solve-time", "5"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
@@ -101,4 +102,5 @@ def test_demo_main_job(tmp_path):
         assert "linear" in scores and any(s.get("kind") == "plan" for s in scores.values())
         assert "| moeplace solve |" in report
     else:
-        assert "Skipped: real trace" in report
+        assert "Skipped: the real DeepSeek-V2-Lite trace is neither in the shared data" in report
+        assert "Get it with `moeplace datasets fetch dsv2lite-puffin`" in report and "Get it with" in r.stdout

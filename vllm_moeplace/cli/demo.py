@@ -3,7 +3,9 @@
 tiny model -> profile it in vLLM (TP2 + EP) -> solve a placement from the profiled trace ->
 serve with vLLM's default layout and with the plan, same workload, and check the tokens are
 identical -> count the traffic each layout needed -> solve and score a cluster-scale placement on
-the shared real DeepSeek-V2-Lite trace -> one report.
+the real DeepSeek-V2-Lite trace (../shared/data, else the cache `moeplace datasets fetch
+dsv2lite-puffin` fills; without either that part is skipped and the report says how to get it)
+-> one report.
 
 Every stage runs as the `moeplace` command a user would type (printed, and written into the
 report), so each figure in the report comes with the command that produced it.
@@ -21,16 +23,17 @@ import time
 from pathlib import Path
 
 from vllm_moeplace.bench.server import CPU_ENV
+from vllm_moeplace.datasets import DATASETS, cached_trace, fetch_command, locate, shared_data_root
 from vllm_moeplace.errors import MoeplaceError
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_REAL_TRACE = Path(os.environ.get("MOEPLACE_SHARED_DATA", REPO.parent / "shared" / "data")) / "traces" / "dsv2lite_puffin_a.npz"
+REAL = DATASETS["dsv2lite-puffin"]  # the cluster-scale half's trace (`moeplace datasets`)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
-    p.add_argument("--real-trace", type=Path, default=DEFAULT_REAL_TRACE,
-                   help="real routing trace for the cluster-scale part (default: the shared DeepSeek-V2-Lite trace)")
+    p.add_argument("--real-trace", type=Path,
+                   help="real routing trace for the cluster-scale part (default: the DeepSeek-V2-Lite trace from "
+                        f"../shared/data, else from the cache `{fetch_command(REAL)}` fills)")
     p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per prompt (profile and bench)")
     p.add_argument("--solve-time", type=float, default=20.0, help="CP-SAT time limit for the tiny model's plan")
     p.add_argument("--real-solve-time", type=float, default=60.0, help="time limit for the real-trace plan")
@@ -87,19 +90,21 @@ def run(args: argparse.Namespace) -> int:
            "--concurrency", "4", "--repeat", "4", "--out", str(out / "serving"))
 
     real_section = ["## Cluster scale on a real trace", ""]
-    if args.real_trace.exists():
+    real_trace, missing = find_real_trace(args.real_trace)
+    if real_trace is not None:
         real_plan = out / "real_plan_ep16x4.json"
         st.run("5. solve EP16 over 4 nodes on the real DeepSeek-V2-Lite trace (first half of requests)", "solve",
-               "--trace", str(args.real_trace), "--ep-size", "16", "--ranks-per-node", "4", "--time-limit",
+               "--trace", str(real_trace), "--ep-size", "16", "--ranks-per-node", "4", "--time-limit",
                str(args.real_solve_time), "--train-fraction", "0.5", "--deterministic",
                "--model-name", "deepseek-ai/DeepSeek-V2-Lite-Chat", "--out", str(real_plan))
         js = st.run("6. score it against vLLM's layouts, EPLB and the co-activation greedy on held-out requests",
-                    "evaluate", "--plan", str(real_plan), "--trace", str(args.real_trace), "--json", capture=True)
+                    "evaluate", "--plan", str(real_plan), "--trace", str(real_trace), "--json", capture=True)
         scores = json.loads(js)
         (out / "real_trace_scores.json").write_text(json.dumps(scores, indent=1) + "\n")
         real_section += _real_table(scores, st.log[-2][1], st.log[-1][1])
     else:
-        real_section.append(f"Skipped: real trace {args.real_trace} not found (set MOEPLACE_SHARED_DATA).")
+        print(f"\n=== 5-6. cluster scale on a real trace: skipped\n{missing}", flush=True)
+        real_section.append(f"Skipped: {missing}")
 
     report = out / "report.md"
     serving = (out / "serving" / "serving_report.md").read_text()
@@ -125,6 +130,20 @@ def run(args: argparse.Namespace) -> int:
     report.write_text("\n".join(lines))
     print(f"\nreport: {report}")
     return 0
+
+
+def find_real_trace(given: Path | None) -> tuple[Path | None, str]:
+    """(trace to use, None) or (None, why it is missing and the exact command that gets it)."""
+    if given is not None:
+        return (given, "") if given.exists() else (None, f"real trace {given} not found.")
+    found = locate(REAL.name)
+    if found is not None:
+        return found, ""
+    return None, (
+        f"the real DeepSeek-V2-Lite trace is neither in the shared data ({shared_data_root() / str(REAL.shared_trace)}) "
+        f"nor in the cache ({cached_trace(REAL)}). Get it with `{fetch_command(REAL)}` "
+        f"(~{REAL.size_mb} MB from {REAL.source}, checksummed), then run the demo again."
+    )
 
 
 def _real_table(scores: dict, solve_cmd: str, eval_cmd: str) -> list[str]:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "random-plan": ("vllm_moeplace.cli.random_plan", "write a seeded random-permutation plan for a model"),
     "profile": ("vllm_moeplace.cli.profile", "run a model in vLLM and record router top-k per token"),
     "import": ("vllm_moeplace.cli.import_trace", "convert a published routing trace to the native .npz"),
+    "datasets": ("vllm_moeplace.cli.datasets", "list or fetch the public routing traces the project uses"),
     "analyze": ("vllm_moeplace.cli.analyze", "report routing statistics of a trace (markdown + PNG)"),
     "synth": ("vllm_moeplace.cli.synth", "generate a synthetic routing trace with realistic structure"),
     "solve": ("vllm_moeplace.cli.solve", "compute a topology-aware placement plan (CP-SAT)"),
