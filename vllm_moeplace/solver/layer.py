@@ -95,6 +95,9 @@ def solve_layer(
     # ---- Step 1 inputs: the objective's terms, the cap, the start ------------------------------
     terms = objective.node_terms(topology, load)
     inst, pweight = base, None
+    own = objective.layer_patterns(train, l, topology)
+    if own is not None:  # per-token node weights (request origins); never with the inter-layer term
+        inst, pweight = own
     if prev_nodes is not None:
         inst, pweight = inter_layer_instance(train, l, prev_nodes, node_sends_weights(topology), opt.inter_layer_weight, R)
         pweight = pweight * terms.pattern_scale
