@@ -27,6 +27,7 @@ from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.ranks import place_ranks
 from vllm_moeplace.solver.redundancy import add_replicas, copy_counts, rebalance
 from vllm_moeplace.solver.replicas import CopyPlacementError, everywhere_set, place_copies, project_out
+from vllm_moeplace.solver.request_copies import CopyModel, place_request_copies
 from vllm_moeplace.solver.swap_search import SwapSearch
 from vllm_moeplace.trace import Trace
 
@@ -80,7 +81,8 @@ def solve_layer(
     sizes = g * s
     base = LayerInstance.from_trace(train, l) if base is None else base
     load = base.expert_load()
-    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality"
+    origins = objective.origins(topology)  # None: tokens start on a uniform rank
+    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality" and origins is None
     copies = None
     if opt.redundant_per_rank and (opt.copy_placement == "balance" or load.max() > opt.max_imbalance * load.sum() / R):
         # Decide the copy counts first and balance the primaries on their per-copy share: the
@@ -162,6 +164,10 @@ def solve_layer(
     # ---- Step 3: copies -------------------------------------------------------------------------
     if locality_copies:
         layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_time, everywhere, q)
+    elif opt.redundant_per_rank and origins is not None:  # request groups: copies for the groups' origins
+        model = CopyModel(train, l, origins, topology, opt.max_imbalance)
+        layout = place_request_copies(model, layout, opt.redundant_per_rank)
+        rank_imb = model.imbalance(layout)
     elif opt.redundant_per_rank:
         layout, rank_imb = balance_copies_step(layout, load, topology, opt.redundant_per_rank, copies, int(train.layer_ids[l]))
 

@@ -68,7 +68,7 @@ def solve(
         check_request_groups(options)
         options = options.model_copy(update={"objective": "request_node_sends"})
         grouping = fit_request_routing(train, topology, request_groups, seed=options.seed)
-        objective: Objective = RequestNodeSends(grouping.token_home)
+        objective: Objective = RequestNodeSends(grouping.token_group, grouping.routing.group_ranks, topology.node_of_rank)
     elif options.objective == "request_node_sends":
         raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")
     else:
@@ -108,12 +108,13 @@ def check_request_groups(options: SolveOptions) -> None:
     if options.objective not in ("node_sends", "request_node_sends"):
         raise SolveError(f"--request-groups replaces the objective by request_node_sends; --objective {options.objective} "
                          "cannot be combined with it")
-    for flag, value, default in (("--redundant-per-rank", options.redundant_per_rank, 0),
-                                 ("--inter-layer-weight", options.inter_layer_weight, 0.0),
+    if options.redundant_per_rank and options.balance_target != "train":
+        raise SolveError("--request-groups with --redundant-per-rank: only --balance-target train")
+    for flag, value, default in (("--inter-layer-weight", options.inter_layer_weight, 0.0),
                                  ("--preserve-groups", options.preserve_groups, 0)):
         if value != default:
-            raise SolveError(f"--request-groups with {flag} {value}: not supported yet (copies and the inter-layer "
-                             "term assume tokens start on a uniform rank)")
+            raise SolveError(f"--request-groups with {flag} {value}: not supported yet (it assumes tokens start on "
+                             "a uniform rank)")
 
 
 def check_instance(E: int, topology: Topology, options: SolveOptions) -> None:

@@ -23,7 +23,6 @@ from vllm_moeplace.request_routing import (
     route_trace,
     share_imbalance,
     signatures,
-    token_origin_nodes,
 )
 from vllm_moeplace.trace import Trace
 
@@ -47,7 +46,7 @@ class RequestGroupOptions:
 @dataclass(frozen=True)
 class Grouping:
     routing: RequestRouting
-    token_home: np.ndarray  # int64 [T_train]: home node of each train token
+    token_group: np.ndarray  # int64 [T_train]: group of each train token's request (as routed)
     train_share_imbalance: float  # max group share / fair share of the train requests, as routed
 
 
@@ -62,5 +61,4 @@ def fit_request_routing(train: Trace, topology: Topology, opts: RequestGroupOpti
     _, cents = fit_groups(X[ok], opts.num_groups, seed=seed)
     routing = RequestRouting(layers, cents, ranks, opts.max_share)
     tok_group, req_group = route_trace(routing, train)
-    home = token_origin_nodes(routing, topology.node_of_rank, tok_group)
-    return Grouping(routing, home, share_imbalance(req_group, opts.num_groups))
+    return Grouping(routing, tok_group, share_imbalance(req_group, opts.num_groups))

@@ -69,6 +69,11 @@ class Objective(ABC):
         None: the plain patterns of `instance`, every row `node_terms().unit_weight`."""
         return None
 
+    def origins(self, topology: Topology) -> np.ndarray | None:
+        """float [R, T_train]: probability that train token t starts on rank o, or None: uniform
+        over all ranks (every objective but request_node_sends)."""
+        return None
+
     def rank_weight(self, topology: Topology) -> np.ndarray | None:
         """float [R]: cost of a token touching rank r inside its nodes, or None when ranks are
         placed for balance only (the default)."""

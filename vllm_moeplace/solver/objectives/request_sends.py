@@ -28,9 +28,23 @@ class RequestNodeSends(Objective):
     # Scored by `moeplace evaluate` on a plan with a request_routing section (origins from the router).
     metric: ClassVar[str] = "node_sends"
 
-    def __init__(self, token_home: np.ndarray | None = None):
-        # int64 [T_train]: home node of each train token, -1 when its request has no group.
-        self.token_home = token_home
+    def __init__(self, token_group: np.ndarray | None = None, group_ranks: tuple[tuple[int, ...], ...] = (),
+                 node_of_rank: np.ndarray | None = None):
+        # int64 [T_train]: group of each train token's request (-1: no group, spread evenly), the
+        # groups' ranks, and from them the home node of each token (-1: none).
+        self.token_group = token_group
+        self.group_ranks = group_ranks
+        self.token_home = None
+        if token_group is not None and node_of_rank is not None:
+            home = np.array([node_of_rank[r[0]] for r in group_ranks] + [-1], dtype=np.int64)
+            self.token_home = home[np.asarray(token_group)]  # index -1 picks the trailing -1
+
+    def origins(self, topology: Topology) -> np.ndarray | None:
+        from vllm_moeplace.routed_metrics import origin_weights
+
+        if self.token_group is None:
+            return None
+        return origin_weights(np.asarray(self.token_group), self.group_ranks, topology.ep_size)
 
     def node_terms(self, topology: Topology, load: np.ndarray) -> NodeTerms:
         return NodeTerms(node_sends_weights(topology), None)
