@@ -104,3 +104,36 @@ def evaluate_routed(layers: dict[int, np.ndarray], topology: Topology, trace: Tr
         num_prefill=int(pre.sum()),
         num_decode=int((~pre).sum()),
     )
+
+
+@dataclass(frozen=True)
+class RoutingScore:
+    """A request-aware plan on one set of requests: routed by the plan's router vs spread evenly."""
+
+    routed: RoutedMetrics
+    spread: RoutedMetrics  # the same placement, every request spread evenly over the ranks
+    share_imbalance: float  # max group requests / fair share
+    token_share_imbalance: float  # max group tokens / fair share
+    fallback_requests: int  # requests without a signature (sent by the fallback)
+
+    def as_dict(self) -> dict:
+        return {"routed": self.routed.as_dict(), "spread": self.spread.as_dict(),
+                "share_imbalance": self.share_imbalance, "token_share_imbalance": self.token_share_imbalance,
+                "fallback_requests": self.fallback_requests}
+
+
+def score_routing(plan, trace: Trace) -> RoutingScore:
+    """Route each request of `trace` by the plan's router from its own prefill signature (never
+    its decode routing), score the placement with those origins, and with requests spread evenly."""
+    from vllm_moeplace.request_routing import route_trace, share_imbalance, signatures
+
+    routing = plan.request_routing
+    if routing is None:
+        raise ValueError(f"{plan.source}: the plan has no request_routing section")
+    tok_group, req_group = route_trace(routing, trace)
+    G = routing.num_groups
+    routed = evaluate_routed(plan.layers, plan.topology, trace, tok_group, routing.group_ranks)
+    spread = evaluate_routed(plan.layers, plan.topology, trace, np.full(trace.num_tokens, -1), routing.group_ranks)
+    tok_share = float(np.bincount(tok_group, minlength=G).max() * G / max(trace.num_tokens, 1))
+    ok = signatures(trace, routing.layers)[2]
+    return RoutingScore(routed, spread, share_imbalance(req_group, G), tok_share, int((~ok).sum()))
