@@ -108,8 +108,6 @@ def check_request_groups(options: SolveOptions) -> None:
     if options.objective not in ("node_sends", "request_node_sends"):
         raise SolveError(f"--request-groups replaces the objective by request_node_sends; --objective {options.objective} "
                          "cannot be combined with it")
-    if options.redundant_per_rank and options.balance_target != "train":
-        raise SolveError("--request-groups with --redundant-per-rank: only --balance-target train")
     for flag, value, default in (("--inter-layer-weight", options.inter_layer_weight, 0.0),
                                  ("--preserve-groups", options.preserve_groups, 0)):
         if value != default:

@@ -1,0 +1,312 @@
+"""Request-aware placement (issue 12): signatures, grouping, the router, the plan section, the
+routed metrics and the solver's request_node_sends objective."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from _builders import trace_from_ids
+from vllm_moeplace.metrics import evaluate_layers
+from vllm_moeplace.plan import Plan, PlanError, Topology, parse_plan
+from vllm_moeplace.request_routing import (
+    RequestRouting,
+    Router,
+    RoutingError,
+    allowed,
+    balanced_assign,
+    fit_groups,
+    group_ranks,
+    route_trace,
+    signatures,
+)
+from vllm_moeplace.routed_metrics import evaluate_routed, score_routing
+from vllm_moeplace.solver.options import SolveOptions
+from vllm_moeplace.solver.pipeline import SolveError, solve
+from vllm_moeplace.solver.request_groups import RequestGroupOptions
+
+
+def two_populations(n_req: int = 40, prefill: int = 4, decode: int = 6, L: int = 2, E: int = 8, K: int = 1,
+                    seed: int = 0, noise: float = 0.0):
+    """Even requests use experts 0..E/2-1, odd ones E/2..E-1 (each token K distinct experts of its
+    half, every layer), in prefill and decode; `noise`: share of tokens from the other half."""
+    rng = np.random.default_rng(seed)
+    ids, req, pre = [], [], []
+    half = E // 2
+    for r in range(n_req):
+        for t in range(prefill + decode):
+            base = (r % 2) * half
+            if rng.random() < noise:
+                base = half - base
+            ids.append([rng.choice(half, K, replace=False) + base for _ in range(L)])
+            req.append(r)
+            pre.append(t < prefill)
+    return trace_from_ids(np.array(ids), E, request_ids=req, is_prefill=pre)
+
+
+# ---- signatures -------------------------------------------------------------------------------
+
+
+def test_signature_is_the_prefill_histogram_per_layer_at_unit_norm():
+    # request 0: prefill picks expert 1 twice at layer 1, experts 2 and 3 at layer 2; decode ignored
+    ids = [[[1], [2]], [[1], [3]], [[0], [0]]]
+    t = trace_from_ids(ids, 4, request_ids=[0, 0, 0], is_prefill=[True, True, False])
+    reqs, X, ok = signatures(t, [1, 2])
+    assert reqs.tolist() == [0] and ok.tolist() == [True]
+    s = 1 / math.sqrt(2)
+    np.testing.assert_allclose(X[0], [0, s, 0, 0, 0, 0, 0.5, 0.5])
+    assert np.linalg.norm(X[0]) == pytest.approx(1.0)
+
+
+def test_signature_never_reads_decode_routing():
+    t = two_populations(n_req=6)
+    other = t.topk_ids.copy()
+    other[~t.is_prefill] = (other[~t.is_prefill] + 3) % 8  # decode routing changed, prefill kept
+    t2 = trace_from_ids(other, 8, request_ids=t.request_ids, is_prefill=t.is_prefill)
+    np.testing.assert_array_equal(signatures(t, [1, 2])[1], signatures(t2, [1, 2])[1])
+
+
+def test_request_without_prefill_has_no_signature():
+    t = trace_from_ids([[0], [1], [2]], 4, request_ids=[0, 0, 1], is_prefill=[True, False, False])
+    _, X, ok = signatures(t, [1])
+    assert ok.tolist() == [True, False] and not X[1].any()
+
+
+# ---- grouping ----------------------------------------------------------------------------------
+
+
+def test_balanced_assign_respects_capacity_and_lets_the_most_decided_choose_first():
+    sim = np.array([[0.9, 0.1], [0.8, 0.7], [0.6, 0.0]])
+    out = balanced_assign(sim, np.array([2, 1]))
+    # rows 0 and 2 lose most by not getting group 0: they take it; row 1 goes to group 1
+    assert out.tolist() == [0, 1, 0]
+
+
+def test_fit_groups_recovers_two_populations_with_equal_sizes():
+    t = two_populations(n_req=40)
+    _, X, _ = signatures(t, [1, 2])
+    labels, C = fit_groups(X, 2, seed=3)
+    assert np.bincount(labels).tolist() == [20, 20]
+    assert len(set(labels[0::2])) == 1 and len(set(labels[1::2])) == 1 and labels[0] != labels[1]
+    np.testing.assert_allclose(np.linalg.norm(C, axis=1), 1.0)
+
+
+def test_group_ranks_split_nodes_and_refuse_what_does_not_fit():
+    nodes = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert group_ranks(nodes, 2) == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert group_ranks(nodes, 4) == ((0, 1), (2, 3), (4, 5), (6, 7))
+    with pytest.raises(RoutingError, match="multiple of the 2 node"):
+        group_ranks(nodes, 3)
+    with pytest.raises(RoutingError, match="not divisible"):
+        group_ranks(nodes, 6)
+
+
+# ---- the router -------------------------------------------------------------------------------
+
+
+def _routing(G: int = 2, D: int = 4, share: float = 1.10) -> RequestRouting:
+    C = np.eye(G, D)
+    return RequestRouting((1,), C, tuple((g,) for g in range(G)), share)
+
+
+@pytest.mark.parametrize("share", [1.0, 1.10, 1.5])
+def test_router_never_lets_a_group_exceed_its_share_cap(share):
+    rng = np.random.default_rng(0)
+    router = Router(_routing(3, share=share))
+    for n in range(1, 400):
+        # everybody prefers group 0: only the cap spreads them
+        sig = np.array([1.0, 0.1 * rng.random(), 0.1 * rng.random(), 0.0])
+        router.route(sig / np.linalg.norm(sig))
+        assert router.counts.max() <= allowed(n, 3, share)
+    assert router.counts.max() <= max(math.ceil(399 / 3), share * 399 / 3)
+
+
+def test_router_sends_each_request_to_its_nearest_centroid_when_there_is_room():
+    router = Router(_routing(2, share=2.0))
+    assert [router.route(np.array(v, float)) for v in ([0, 1, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0])] == [1, 0, 1]
+
+
+def test_router_falls_back_to_the_emptiest_group_and_logs_why(caplog):
+    router = Router(_routing(2, share=2.0))
+    router.route(np.array([1.0, 0, 0, 0]))
+    with caplog.at_level(logging.INFO, logger="vllm_moeplace.request_routing"):
+        assert router.route(None, "request 7 has no prefill tokens") == 1
+    assert "request 7 has no prefill tokens" in caplog.text
+
+
+def test_route_trace_uses_the_fallback_for_requests_without_prefill():
+    t = trace_from_ids([[0], [1], [1]], 4, request_ids=[0, 1, 2], is_prefill=[True, False, True])
+    routing = RequestRouting((1,), np.eye(2, 4), ((0,), (1,)), 2.0)
+    tok, req = route_trace(routing, t)
+    assert req.tolist() == [0, 1, 1]  # request 1 (decode only) -> fallback, the emptier group 1
+    assert tok.tolist() == [0, 1, 1]
+
+
+# ---- the plan section ------------------------------------------------------------------------
+
+
+def _plan_json(**routing_overrides) -> dict:
+    routing = RequestRouting((1,), np.eye(2, 4), ((0, 1), (2, 3)), 1.1).to_json()
+    routing.update(routing_overrides)
+    return {"format": "vllm-moeplace/plan", "version": 1,
+            "model": {"name": "t", "num_experts": 4, "moe_layers": [1, 2]}, "ep_size": 4,
+            "topology": {"ranks_per_node": 2}, "layers": {"1": [[0], [1], [2], [3]]},
+            "request_routing": routing}
+
+
+def test_plan_with_request_routing_round_trips_and_plans_without_it_stay_valid():
+    data = _plan_json()
+    plan = parse_plan(data)
+    assert plan.request_routing.group_ranks == ((0, 1), (2, 3))
+    np.testing.assert_allclose(plan.request_routing.centroids, np.eye(2, 4))
+    again = parse_plan(json.loads(json.dumps(plan.to_json())))
+    assert again.to_json()["request_routing"] == plan.to_json()["request_routing"]
+    del data["request_routing"]
+    assert parse_plan(data).request_routing is None
+    assert "request_routing" not in parse_plan(data).to_json()
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ({"signature": {"kind": "decode_histogram", "layers": [1]}}, "request_routing.signature.kind", "unknown signature"),
+    ({"groups": [{"ranks": [0, 1], "centroid": [1, 0, 0, 0]}]}, "request_routing.groups", "ranks [2, 3] in no group"),
+    ({"groups": [{"ranks": [0, 1], "centroid": [float("nan"), 0, 0, 0]}, {"ranks": [2, 3], "centroid": [0, 1, 0, 0]}]},
+     "request_routing.groups[0].centroid[0]", "not finite"),
+    ({"groups": [{"ranks": [0, 1], "centroid": [1, 0]}, {"ranks": [2, 3], "centroid": [0, 1, 0, 0]}]},
+     "request_routing.groups[0].centroid", "2 values, expected 4"),
+    ({"groups": [{"ranks": [0, 2], "centroid": [1, 0, 0, 0]}, {"ranks": [1, 3], "centroid": [0, 1, 0, 0]}]},
+     "request_routing.groups[0].ranks", "span several nodes"),
+    ({"signature": {"kind": "prefill_expert_histogram", "layers": [5]}}, "request_routing.signature.layers",
+     "not MoE layers"),
+    ({"version": 9}, "request_routing.version", "unsupported version 9"),
+])
+def test_bad_request_routing_sections_are_refused_naming_the_field(override, field, words):
+    with pytest.raises(PlanError) as e:
+        parse_plan(_plan_json(**override), source="p.json")
+    assert f"p.json: field '{field}'" in str(e.value) and words in str(e.value)
+
+
+def test_validate_cli_refuses_a_nan_centroid_file(tmp_path, capsys):
+    from vllm_moeplace.cli.main import main
+
+    text = json.dumps(_plan_json()).replace('"centroid": [1.0', '"centroid": [NaN', 1)
+    f = tmp_path / "p.json"
+    f.write_text(text)
+    assert main(["validate", str(f)]) != 0
+    assert "NaN" in capsys.readouterr().err
+
+
+# ---- routed metrics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_spread_origins_give_exactly_the_uniform_metrics(copies):
+    rng = np.random.default_rng(1)
+    t = trace_from_ids(np.array([[rng.choice(8, 2, replace=False) for _ in range(2)] for _ in range(60)]), 8)
+    topo = Topology.uniform(4, 2)
+    lay = {1: np.array([[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]) if copies else np.arange(8).reshape(4, 2),
+           2: np.array([[7, 1, 3], [6, 0, 5], [2, 4, 3], [5, 1, 7]]) if copies else np.array([[7, 1], [6, 0], [2, 4], [5, 3]])}
+    m = evaluate_layers(lay, topo, t)
+    r = evaluate_routed(lay, topo, t, np.full(t.num_tokens, -1), ())
+    assert r.node_sends == pytest.approx(m.node_sends)
+    assert r.rank_sends == pytest.approx(m.rank_sends)
+    assert r.imbalance == pytest.approx(m.imbalance)
+
+
+def test_routed_node_sends_counts_nodes_other_than_the_groups_by_phase():
+    # 2 nodes x 1 rank; experts 0 on rank 0, 1 on rank 1; top-1, one layer
+    t = trace_from_ids([[0], [1], [1], [0]], 2, request_ids=[0, 0, 1, 1], is_prefill=[True, False, True, False])
+    topo = Topology.uniform(2, 1)
+    lay = {1: np.array([[0], [1]])}
+    r = evaluate_routed(lay, topo, t, np.array([0, 0, 1, 1]), ((0,), (1,)))
+    # group 0 on node 0: prefill expert 0 local, decode expert 1 remote; group 1 on node 1: the opposite
+    assert (r.node_sends_prefill, r.node_sends_decode) == (0.0, 1.0)
+    assert r.node_sends == 0.5 and r.imbalance == 1.0
+
+
+# ---- the solver -------------------------------------------------------------------------------
+
+
+def test_request_node_sends_patterns_are_keyed_by_home_with_zero_cost_at_home():
+    from vllm_moeplace.solver.objectives.request_sends import RequestNodeSends
+
+    t = trace_from_ids([[0], [0], [1]], 4, request_ids=[0, 1, 2])
+    topo = Topology.uniform(4, 2)
+    obj = RequestNodeSends(np.array([0, 1, -1]), ((0, 1), (2, 3)), topo.node_of_rank)
+    inst, w = obj.layer_patterns(t, 0, topo)
+    rows = sorted((tuple(p), float(c), tuple(x)) for p, c, x in zip(inst.patterns.tolist(), inst.counts, w.tolist()))
+    # keyed (expert 0, home 0), (expert 0, home 1), (expert 1, no home): weights x R = 4
+    assert rows == [((0,), 1.0, (0.0, 4.0)), ((0,), 1.0, (4.0, 0.0)), ((1,), 1.0, (2.0, 2.0))]
+    with pytest.raises(ValueError, match="needs the train tokens' home nodes"):
+        RequestNodeSends().layer_patterns(t, 0, topo)
+
+
+def test_solve_with_request_groups_puts_each_population_on_its_groups_node():
+    trace = two_populations(n_req=40, E=8, K=2, noise=0.05)
+    topo = Topology.uniform(4, 2)
+    opts = SolveOptions(time_limit=2.0, deterministic=True, max_imbalance=1.3)
+    plan = solve(trace, topo, opts, request_groups=RequestGroupOptions(2))
+    assert plan.request_routing is not None and plan.solver["options"]["objective"] == "request_node_sends"
+    parse_plan(json.loads(json.dumps(plan.to_json())))  # the file it writes is valid
+    sc = score_routing(plan, trace)
+    assert sc.share_imbalance <= 1.10
+    # with origins on the group's node nearly every token is local; spread evenly, half of them are not
+    assert sc.routed.node_sends_decode < 0.2 < 0.4 < sc.spread.node_sends_decode
+    plain = solve(trace, topo, opts)
+    base = evaluate_routed(plain.layers, topo, trace, np.full(trace.num_tokens, -1), ())
+    assert sc.routed.node_sends_decode < 0.5 * base.node_sends_decode
+
+
+def test_solve_with_request_groups_and_copies_keeps_slots_and_validates():
+    trace = two_populations(n_req=30, E=8, K=1, noise=0.1)
+    topo = Topology.uniform(4, 2)
+    plan = solve(trace, topo, SolveOptions(time_limit=2.0, deterministic=True, max_imbalance=1.2, redundant_per_rank=1),
+                 request_groups=RequestGroupOptions(2))
+    assert plan.slots_per_rank() == 3 and plan.has_redundancy()
+    assert score_routing(plan, trace).routed.node_sends_decode <= score_routing(plan, trace).spread.node_sends_decode
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(inter_layer_weight=0.5), "--inter-layer-weight"),
+    (dict(objective="hop_cost"), "--objective hop_cost"),
+    (dict(preserve_groups=2), "--preserve-groups"),
+])
+def test_request_groups_refuse_what_they_do_not_combine_with(kw, words):
+    trace = two_populations(n_req=8)
+    with pytest.raises(SolveError, match=words):
+        solve(trace, Topology.uniform(4, 2), SolveOptions(time_limit=1.0, **kw), request_groups=RequestGroupOptions(2))
+
+
+def test_request_node_sends_without_groups_is_refused():
+    with pytest.raises(SolveError, match="needs request groups"):
+        solve(two_populations(n_req=8), Topology.uniform(4, 2), SolveOptions(time_limit=1.0, objective="request_node_sends"))
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def test_cli_solve_and_evaluate_with_request_groups(tmp_path, capsys):
+    from vllm_moeplace.cli.main import main
+    from vllm_moeplace.trace import save_trace
+
+    tr = tmp_path / "t.npz"
+    save_trace(tr, two_populations(n_req=40, E=8, K=2, noise=0.05))
+    out = tmp_path / "p.json"
+    assert main(["solve", "--trace", str(tr), "--ep-size", "4", "--ranks-per-node", "2", "--out", str(out),
+                 "--request-groups", "--train-fraction", "0.5", "--max-imbalance", "1.3", "--time-limit", "2",
+                 "--deterministic"]) == 0
+    assert "routed by the plan's router" in capsys.readouterr().out
+    assert main(["evaluate", "--plan", str(out), "--trace", str(tr), "--baselines", "none", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)[str(out)]["request_routing"]["held_out"]
+    assert rep["routed"]["node_sends_decode"] < rep["spread"]["node_sends_decode"]
+    assert rep["share_imbalance"] <= 1.10
+    assert main(["solve", "--trace", str(tr), "--ep-size", "4", "--ranks-per-node", "2", "--out",
+                 str(tmp_path / "q.json"), "--request-groups", "3"]) != 0
+    assert "multiple of the 2 node" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
+    assert main(["solve", "--trace", str(tr), "--ep-size", "4", "--ranks-per-node", "2", "--out",
+                 str(tmp_path / "q.json"), "--signature-layers", "1"]) != 0
+    assert "only with --request-groups" in capsys.readouterr().err
