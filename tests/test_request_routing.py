@@ -310,3 +310,41 @@ def test_cli_solve_and_evaluate_with_request_groups(tmp_path, capsys):
     assert main(["solve", "--trace", str(tr), "--ep-size", "4", "--ranks-per-node", "2", "--out",
                  str(tmp_path / "q.json"), "--signature-layers", "1"]) != 0
     assert "only with --request-groups" in capsys.readouterr().err
+
+
+# ---- analysis (moeplace analyze) -------------------------------------------------------------
+
+
+def test_request_analysis_sees_the_populations_and_their_label_shift():
+    from vllm_moeplace.profiling.requests import analyze_requests, tv_distance
+
+    t = two_populations(n_req=40, L=2, E=8, K=1, noise=0.0)
+    labels = np.array(["a" if r % 2 == 0 else "b" for r in range(40)])
+    t = trace_from_ids(t.topk_ids, 8, request_ids=t.request_ids, is_prefill=t.is_prefill, labels=labels)
+    ra = analyze_requests(t)
+    assert ra.target.startswith("decode")
+    g2 = [r for r in ra.rows if r.groups == 2]
+    assert g2 and all(r.hit == pytest.approx(1.0) and r.oracle_hit == pytest.approx(1.0) for r in g2)
+    assert all(r.self_cosine > r.other_cosine for r in g2)
+    # each label uses one half of the experts: its shares are 1/4 where the whole trace's are 1/8
+    assert ra.label_tv == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
+    assert tv_distance(np.array([1.0, 0]), np.array([0, 2.0])) == 1.0
+
+
+def test_request_analysis_of_a_prefill_only_trace_predicts_later_layers():
+    from vllm_moeplace.profiling.requests import analyze_requests
+
+    t = two_populations(n_req=20, prefill=6, decode=0, L=3, E=8)
+    ra = analyze_requests(t)
+    assert ra.target.startswith("prefill")
+    assert {r.depth for r in ra.rows} == {1, 2}  # the all-layer signature leaves nothing to predict
+    assert any("no later layers" in n for n in ra.notes)
+    assert all(r.hit == pytest.approx(1.0) for r in ra.rows if r.groups == 2)
+
+
+def test_analyze_report_has_the_request_section(tmp_path):
+    from vllm_moeplace.profiling.analyze import write_report
+
+    write_report(two_populations(n_req=20), tmp_path, ["moeplace analyze t.npz --out x"], "t.npz")
+    text = (tmp_path / "report.md").read_text()
+    assert "## Request-level routing" in text and (tmp_path / "request_groups.png").exists()
