@@ -348,3 +348,27 @@ def test_analyze_report_has_the_request_section(tmp_path):
     write_report(two_populations(n_req=20), tmp_path, ["moeplace analyze t.npz --out x"], "t.npz")
     text = (tmp_path / "report.md").read_text()
     assert "## Request-level routing" in text and (tmp_path / "request_groups.png").exists()
+
+
+def test_copy_model_prices_every_addition_on_a_rank_exactly():
+    from vllm_moeplace.routed_metrics import origin_weights
+    from vllm_moeplace.solver.request_copies import CopyModel
+
+    rng = np.random.default_rng(4)
+    t = trace_from_ids(np.array([rng.choice(8, 2, replace=False) for _ in range(80)]), 8)
+    topo = Topology.uniform(4, 2)
+    W = origin_weights(rng.integers(-1, 2, t.num_tokens), ((0, 1), (2, 3)), 4)
+    model = CopyModel(t, 0, W, topo, 1.05)
+    holds = np.zeros((4, 8), dtype=bool)
+    holds[[0, 0, 1, 1, 2, 2, 3, 3, 2], [0, 1, 2, 3, 4, 5, 6, 7, 0]] = True
+    for r in range(4):
+        got = model.add_costs(holds, r)
+        for e in range(8):
+            if holds[r, e]:
+                assert got[e] == np.inf
+                continue
+            h = holds.copy()
+            h[r, e] = True
+            assert got[e] == pytest.approx(model.cost(h))
+    # loads are the expected pairs: they add up to every pair of the layer
+    assert model.loads_and_remote(holds)[0].sum() == pytest.approx(t.num_tokens * 2)

@@ -45,21 +45,42 @@ class CopyModel:
         self.R, self.N, self.E = R, N, E
         self.cap = max_imbalance * self.dr.sum() / R
 
-    def loads_and_remote(self, holds: np.ndarray) -> tuple[np.ndarray, float]:
-        """(float [R] rank loads, remote pairs) of holds bool [R, E]."""
+    def columns(self, holds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float [R, E] load each rank serves for each expert, float [E] remote pairs per expert).
+
+        Column e depends on column e of holds only, which is what lets the greedy price adding a
+        copy of every expert to one rank with one call (set the whole row, read each column)."""
         hn = np.zeros((self.N, self.E))
         np.add.at(hn, self.node, holds.astype(np.float64))  # c_n(e)
         total = hn.sum(axis=0)  # c(e)
-        missing = hn == 0  # [N, E]
-        remote_pairs = (self.dn * missing).sum(axis=0)  # [E] pairs from nodes without a copy
-        own = self.dr * holds  # served by the origin itself
+        remote = (self.dn * (hn == 0)).sum(axis=0)  # [E] pairs from nodes without a copy
         # Origins on node n without a copy of e reach n's c_n(e) copies evenly.
         node_rest = np.zeros((self.N, self.E))
         np.add.at(node_rest, self.node, self.dr * ~holds)
         per_copy_local = np.where(hn > 0, node_rest / np.maximum(hn, 1), 0.0)  # [N, E]
-        per_copy_remote = remote_pairs / np.maximum(total, 1)  # [E]
-        load = (own + holds * (per_copy_local[self.node] + per_copy_remote[None, :])).sum(axis=1)
-        return load, float(remote_pairs.sum())
+        per_copy_remote = remote / np.maximum(total, 1)  # [E]: spread over all copies
+        C = self.dr * holds + holds * (per_copy_local[self.node] + per_copy_remote[None, :])
+        return C, remote
+
+    def loads_and_remote(self, holds: np.ndarray) -> tuple[np.ndarray, float]:
+        """(float [R] rank loads, remote pairs) of holds bool [R, E]."""
+        C, remote = self.columns(holds)
+        return C.sum(axis=1), float(remote.sum())
+
+    def overflow(self, load: np.ndarray) -> np.ndarray:
+        """Σ_r max(0, load_r - cap) along axis 0 (load [R] or [R, candidates])."""
+        return np.maximum(load - self.cap, 0).sum(axis=0)
+
+    def add_costs(self, holds: np.ndarray, r: int) -> np.ndarray:
+        """float [E]: cost after adding a copy of e on rank r, for every e (inf where r holds e)."""
+        C, rem = self.columns(holds)
+        H = holds.copy()
+        H[r] = True
+        Cn, remn = self.columns(H)
+        load = C.sum(axis=1)[:, None] - C + Cn  # [R, E]: rank loads with the one new copy
+        out = rem.sum() - rem + remn + MU * self.overflow(load)
+        out[holds[r]] = np.inf
+        return out
 
     def imbalance(self, layout: np.ndarray) -> float:
         """max / mean expected rank load of a layout [R, S]."""
@@ -80,36 +101,26 @@ def place_request_copies(model: CopyModel, layout: np.ndarray, per_rank: int) ->
     holds[np.repeat(np.arange(R), layout.shape[1]), layout.ravel()] = True
     primary = holds.copy()
     free = np.full(R, per_rank)
-    cur = model.cost(holds)
     for _ in range(R * per_rank):
-        best = (np.inf, -1, -1)
+        costs = np.full((R, E), np.inf)
         for r in np.flatnonzero(free):
-            for e in np.flatnonzero(~holds[r]):
-                holds[r, e] = True
-                c = model.cost(holds)
-                holds[r, e] = False
-                if c < best[0]:
-                    best = (c, r, e)
-        _, r, e = best
+            costs[r] = model.add_costs(holds, r)
+        r, e = np.unravel_index(int(np.argmin(costs)), costs.shape)  # first minimum, rank-major
         holds[r, e] = True
         free[r] -= 1
-        cur = best[0]
+    cur = model.cost(holds)
     # Moves: a copy (not a primary) to another expert on the same rank, while the cost drops.
     for _ in range(_MOVE_PASSES):
         improved = False
         for r in range(R):
             for e in np.flatnonzero(holds[r] & ~primary[r]):
                 holds[r, e] = False
-                cands = np.flatnonzero(~holds[r])
-                costs = []
-                for f in cands:
+                costs = model.add_costs(holds, r)
+                costs[e] = np.inf
+                f = int(np.argmin(costs))
+                if costs[f] < cur - 1e-9:
                     holds[r, f] = True
-                    costs.append(model.cost(holds))
-                    holds[r, f] = False
-                j = int(np.argmin(costs))
-                if costs[j] < cur - 1e-9:
-                    holds[r, cands[j]] = True
-                    cur = costs[j]
+                    cur = float(costs[f])
                     improved = True
                 else:
                     holds[r, e] = True
