@@ -82,7 +82,11 @@ def solve_layer(
     base = LayerInstance.from_trace(train, l) if base is None else base
     load = base.expert_load()
     origins = objective.origins(topology)  # None: tokens start on a uniform rank
-    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality" and origins is None
+    node_origin = None if origins is None else node_origin_weights(origins, topology)
+    # Locality copies price origins per node (uniform inside it): request groups of whole nodes
+    # fit; groups inside nodes take the per-rank copy step (`request_copies`).
+    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality" and (
+        origins is None or node_origin is not None)
     copies = None
     if opt.redundant_per_rank and (opt.copy_placement == "balance" or load.max() > opt.max_imbalance * load.sum() / R):
         # Decide the copy counts first and balance the primaries on their per-copy share: the
@@ -163,8 +167,10 @@ def solve_layer(
 
     # ---- Step 3: copies -------------------------------------------------------------------------
     if locality_copies:
-        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_time, everywhere, q)
-    elif opt.redundant_per_rank and origins is not None:  # request groups: copies for the groups' origins
+        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_time, everywhere, q,
+                                                           node_origin)
+    elif opt.redundant_per_rank and origins is not None and opt.copy_placement == "locality":
+        # request groups inside nodes: copies for the groups' per-rank origins
         model = CopyModel(train, l, origins, topology, opt.max_imbalance)
         layout = place_request_copies(model, layout, opt.redundant_per_rank)
         rank_imb = model.imbalance(layout)
@@ -229,6 +235,7 @@ def locality_copies_step(
     seconds: float,
     everywhere: np.ndarray,
     q: np.ndarray | None,
+    origin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Step 3, locality mode (`replicas.place_copies`): (layout with copies, train rank imbalance
     under the replica rule, train node cost with copies). Deterministic mode bounds the search by
@@ -248,6 +255,7 @@ def locality_copies_step(
             # --balance-risk k: the copies keep k held-out standard deviations under the cap too
             # (the whole expert's risk: the rule's shares are folded in by place_copies).
             risk=risk_matrix(train, l, opt, None, q),
+            origin=origin,
         )
     except CopyPlacementError as e:
         raise SolveError(f"layer {layer}: {e}") from None
@@ -283,6 +291,18 @@ def with_replicas(layout, load, topology: Topology, n: int, copies: np.ndarray, 
             warnings.warn(f"layer {layer}: {first}; placed at most {most} copies per expert instead", stacklevel=3)
             return out
         raise SolveError(f"layer {layer}: {first}") from None
+
+
+def node_origin_weights(origins: np.ndarray, topology: Topology) -> np.ndarray | None:
+    """float [N, T]: R x the probability that each token starts on node n, from per-rank origin
+    probabilities [R, T]; None when some token's origin is not uniform over a node's ranks."""
+    out = np.zeros((topology.num_nodes, origins.shape[1]))
+    for n, ranks in enumerate(topology.nodes):
+        block = origins[np.asarray(ranks)]
+        if not np.allclose(block, block[0:1]):
+            return None
+        out[n] = block.sum(axis=0) * topology.ep_size
+    return out
 
 
 def check_balance(load: np.ndarray, R: int, bound: float, layer: int, redundant: int) -> None:
