@@ -101,10 +101,10 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     settings = [
-        ("1 copy/rank, cap 1.10, signature all layers", dict(redundant_per_rank=1, max_imbalance=1.10), 0),
-        ("2 copies/rank, cap 1.10, signature all layers", dict(redundant_per_rank=2, max_imbalance=1.10), 0),
-        ("2 copies/rank, cap 1.10, signature first MoE layer", dict(redundant_per_rank=2, max_imbalance=1.10), 1),
         ("no copies, cap 8 (the hottest expert alone: up to 7.99x)", dict(redundant_per_rank=0, max_imbalance=8.0), 0),
+        ("2 copies/rank, cap 1.05, signature all layers", dict(redundant_per_rank=2, max_imbalance=1.05), 0),
+        ("2 copies/rank, cap 1.05, signature first MoE layer", dict(redundant_per_rank=2, max_imbalance=1.05), 1),
+        ("4 copies/rank, cap 1.10, signature all layers", dict(redundant_per_rank=4, max_imbalance=1.10), 0),
     ]
     summary: dict[str, list[float]] = {}
     for name, kw, depth in settings:
