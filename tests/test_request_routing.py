@@ -372,3 +372,4 @@ def test_copy_model_prices_every_addition_on_a_rank_exactly():
             assert got[e] == pytest.approx(model.cost(h))
     # loads are the expected pairs: they add up to every pair of the layer
     assert model.loads_and_remote(holds)[0].sum() == pytest.approx(t.num_tokens * 2)
+
