@@ -28,6 +28,7 @@ Pure numpy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,14 +196,16 @@ def render(r: RequestAnalysis, figure: str | None) -> list[str]:
         "sets, each expert to the train group using it most. Hit: share of a held-out request's target pairs on the "
         "home set of its group (nearest train centroid); spreading requests evenly gets about 1/G; oracle: the best "
         "home set for the request (reads the target). With G = nodes and no copies, 1 - hit is the request's "
-        "node_sends under such a placement.",
+        "node_sends under such a placement. Cosines are n/a for a prefill-only trace (signature and target are "
+        "different layers, whose expert ids are unrelated).",
         "",
     ]
     if figure:
         lines += [f"![request groups]({figure})", ""]
     lines += ["| signature layers | G | self cosine | crowd cosine | hit | spread (1/G) | oracle |", "|---|---|---|---|---|---|---|"]
     for x in r.rows:
-        lines.append(f"| {x.depth} | {x.groups} | {x.self_cosine:.3f} | {x.other_cosine:.3f} | {x.hit:.3f} | "
+        cos = ("n/a", "n/a") if math.isnan(x.self_cosine) else (f"{x.self_cosine:.3f}", f"{x.other_cosine:.3f}")
+        lines.append(f"| {x.depth} | {x.groups} | {cos[0]} | {cos[1]} | {x.hit:.3f} | "
                      f"{1 / x.groups:.3f} | {x.oracle_hit:.3f} |")
     lines += ["", f"Popularity shift (total-variation distance of expert shares from the whole trace's, mean over "
               f"layers): single requests {r.request_tv:.3f}."]
