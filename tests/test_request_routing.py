@@ -373,3 +373,18 @@ def test_copy_model_prices_every_addition_on_a_rank_exactly():
     # loads are the expected pairs: they add up to every pair of the layer
     assert model.loads_and_remote(holds)[0].sum() == pytest.approx(t.num_tokens * 2)
 
+
+
+def test_window_router_moves_the_least_decided_request_and_keeps_the_cap():
+    routing = RequestRouting((1,), np.eye(2, 4), ((0,), (1,)), 1.0)
+    s = lambda a, b: np.array([a, b, 0.0, 0.0]) / np.hypot(a, b)  # noqa: E731
+    sigs = [s(1, 0.9), s(1, 0), s(1, 0.1), s(0.2, 1)]  # the first is the least sure of group 0
+    one = Router(routing)
+    # one at a time, the cap (1 each after 2 requests) pushes request 1, very sure of group 0, to 1
+    assert [one.route(x) for x in sigs] == [0, 1, 0, 1]
+    win = Router(routing)
+    # as a window of 4 (cap 2 each at its end) the least decided request 0 takes the second choice
+    assert win.route_window(sigs) == [1, 0, 0, 1]
+    assert win.counts.tolist() == [2, 2]
+    with pytest.raises(RoutingError, match="window 0"):
+        route_trace(RequestRouting((1, 2), np.eye(2, 16), ((0,), (1,)), 1.1), two_populations(n_req=4), window=0)

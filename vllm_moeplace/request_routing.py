@@ -322,16 +322,46 @@ class Router:
         self.counts[g] += 1
         return g
 
+    def route_window(self, sigs: list[np.ndarray | None]) -> list[int]:
+        """Groups of a window of requests routed together (a router that batches arrivals): the
+        window's requests with a signature are assigned by regret (`balanced_assign`) under the
+        share cap at the window's end, so the least decided ones take the second choice; requests
+        without a signature take the fallback first. One request: exactly `route`."""
+        if len(sigs) == 1:
+            return [self.route(sigs[0])]
+        G = self.routing.num_groups
+        out: list[int] = [-1] * len(sigs)
+        for i, sig in enumerate(sigs):
+            if sig is None:
+                out[i] = self.route(None, "no signature (window)")
+        idx = [i for i, sig in enumerate(sigs) if sig is not None]
+        if idx:
+            n_end = int(self.counts.sum()) + len(idx)
+            room = np.maximum(allowed(n_end, G, self.routing.max_share) - self.counts, 0)
+            sim = np.stack([self.routing.centroids @ sigs[i] for i in idx])
+            for i, g in zip(idx, balanced_assign(sim, room)):
+                out[i] = int(g)
+                self.counts[g] += 1
+        return out
 
-def route_trace(routing: RequestRouting, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+
+def route_trace(routing: RequestRouting, trace: Trace, window: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(group of each token [T], group of each request [n] in arrival order = ascending id).
 
-    Each request is routed from its own prefill signature only; requests without one by the
-    fallback."""
+    Each request is routed from its own prefill signature only (requests without one by the
+    fallback), one at a time (window 1) or in windows of consecutive arrivals (`route_window`)."""
+    if window < 1:
+        raise RoutingError(f"router window {window}: must be >= 1")
     reqs, X, ok = signatures(trace, routing.layers)
     router = Router(routing)
-    req_group = np.array([router.route(X[i] if ok[i] else None, f"request {int(r)} has no prefill tokens")
-                          for i, r in enumerate(reqs)], dtype=np.int64)
+    req_group = np.empty(len(reqs), dtype=np.int64)
+    for s in range(0, len(reqs), window):
+        part = range(s, min(s + window, len(reqs)))
+        if window == 1:
+            i = s
+            req_group[i] = router.route(X[i] if ok[i] else None, f"request {int(reqs[i])} has no prefill tokens")
+            continue
+        req_group[list(part)] = router.route_window([X[i] if ok[i] else None for i in part])
     return req_group[np.searchsorted(reqs, trace.request_ids)], req_group
 
 

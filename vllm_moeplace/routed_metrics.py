@@ -122,15 +122,16 @@ class RoutingScore:
                 "fallback_requests": self.fallback_requests}
 
 
-def score_routing(plan, trace: Trace) -> RoutingScore:
+def score_routing(plan, trace: Trace, window: int = 1) -> RoutingScore:
     """Route each request of `trace` by the plan's router from its own prefill signature (never
-    its decode routing), score the placement with those origins, and with requests spread evenly."""
+    its decode routing; `window` consecutive arrivals at a time), score the placement with those
+    origins, and with requests spread evenly."""
     from vllm_moeplace.request_routing import route_trace, share_imbalance, signatures
 
     routing = plan.request_routing
     if routing is None:
         raise ValueError(f"{plan.source}: the plan has no request_routing section")
-    tok_group, req_group = route_trace(routing, trace)
+    tok_group, req_group = route_trace(routing, trace, window)
     G = routing.num_groups
     routed = evaluate_routed(plan.layers, plan.topology, trace, tok_group, routing.group_ranks)
     spread = evaluate_routed(plan.layers, plan.topology, trace, np.full(trace.num_tokens, -1), routing.group_ranks)

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     topo = parser.add_mutually_exclusive_group()
     topo.add_argument("--ranks-per-node", type=int, help="with --ep-size: consecutive ranks per node")
     topo.add_argument("--topology", help="with --ep-size: topology file (nodes + link_cost JSON)")
+    parser.add_argument("--router-window", type=int, default=1, metavar="W",
+                        help="plans with request_routing: route W consecutive requests together (balanced by "
+                             "regret under the share cap; default 1 = one at a time)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         name = _plan_name(method, taken)
         taken.add(name)
         rows.append(Row(name, "baseline", method, evaluate_layers(layers, topology, train), evaluate_layers(layers, topology, test)))
-    routed = {name: (score_routing(plan, train), score_routing(plan, test))
+    routed = {name: (score_routing(plan, train, args.router_window), score_routing(plan, test, args.router_window))
               for (path, plan), name in zip(plans, [r.name for r in rows if r.kind == "plan"])
               if plan.request_routing is not None}
     for n in notes:
