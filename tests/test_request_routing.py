@@ -388,3 +388,14 @@ def test_window_router_moves_the_least_decided_request_and_keeps_the_cap():
     assert win.counts.tolist() == [2, 2]
     with pytest.raises(RoutingError, match="window 0"):
         route_trace(RequestRouting((1, 2), np.eye(2, 16), ((0,), (1,)), 1.1), two_populations(n_req=4), window=0)
+
+
+def test_one_group_per_dp_rank_with_copies_uses_per_rank_origins():
+    trace = two_populations(n_req=32, E=8, K=1, noise=0.1)
+    topo = Topology.uniform(4, 2)
+    plan = solve(trace, topo, SolveOptions(time_limit=2.0, deterministic=True, max_imbalance=1.3, redundant_per_rank=1),
+                 request_groups=RequestGroupOptions(4))
+    assert plan.request_routing.group_ranks == ((0,), (1,), (2,), (3,))
+    sc = score_routing(plan, trace)
+    assert sc.share_imbalance <= 1.10
+    assert sc.routed.node_sends_decode < sc.spread.node_sends_decode
