@@ -399,3 +399,14 @@ def test_one_group_per_dp_rank_with_copies_uses_per_rank_origins():
     sc = score_routing(plan, trace)
     assert sc.share_imbalance <= 1.10
     assert sc.routed.node_sends_decode < sc.spread.node_sends_decode
+
+
+def test_the_published_schema_accepts_a_request_routing_section_and_refuses_a_bad_one():
+    jsonschema = pytest.importorskip("jsonschema")
+    from vllm_moeplace.plan_schema import plan_json_schema
+
+    v = jsonschema.Draft202012Validator(plan_json_schema())
+    v.validate(_plan_json())
+    bad = _plan_json()
+    bad["request_routing"]["groups"][0]["colour"] = "red"
+    assert not v.is_valid(bad)
