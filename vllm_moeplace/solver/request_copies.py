@@ -1,4 +1,6 @@
-"""Step 3 with request groups: redundant copies when tokens start on their group's ranks.
+"""Step 3 with request groups inside nodes: redundant copies when tokens start on their group's
+ranks and those are not all of a node's ranks (groups of whole nodes use the exact locality copies
+of `replicas` with per-token origin weights instead; `layer.solve_layer` chooses).
 
 With origins concentrated on a group's node, a copy of expert e on node n is worth the pairs of
 n's tokens that choose e (they stop crossing nodes), and copies spread a hot expert's load over
