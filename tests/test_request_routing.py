@@ -410,3 +410,43 @@ def test_the_published_schema_accepts_a_request_routing_section_and_refuses_a_ba
     bad = _plan_json()
     bad["request_routing"]["groups"][0]["colour"] = "red"
     assert not v.is_valid(bad)
+
+
+def test_copy_state_with_uniform_origin_weights_is_the_unweighted_state():
+    from vllm_moeplace.solver.replicas import CopyState
+
+    rng = np.random.default_rng(7)
+    ids = np.array([rng.choice(8, 2, replace=False) for _ in range(120)])
+    topo = Topology(6, [[0, 1, 2], [3, 4], [5]])  # uneven nodes: g = 3, 2, 1
+    layout = np.array([[0, 6], [1, 7], [2, 3], [3, 4], [5, 0], [6, 1]])
+    plain = CopyState(ids, layout, topo, 8, 1e9)
+    g = topo.ranks_per_node.astype(np.float64)
+    weighted = CopyState(ids, layout, topo, 8, 1e9, origin=np.repeat(g[:, None], len(ids), axis=1))
+    assert weighted.node_cost() == pytest.approx(plain.node_cost())
+    np.testing.assert_allclose(weighted.RL, plain.RL)
+    for u in range(3):
+        np.testing.assert_allclose(weighted.local_gain(u), plain.local_gain(u))
+    for e, hold in ((2, [2, 5]), (4, [0, 3, 5]), (7, [4])):
+        assert weighted.delta(e, hold) == pytest.approx(plain.delta(e, hold))
+        np.testing.assert_allclose(weighted.expert_load(e, hold), plain.expert_load(e, hold))
+
+
+def test_copy_state_with_group_origins_matches_the_routed_metrics():
+    from vllm_moeplace.routed_metrics import origin_weights
+    from vllm_moeplace.solver.replicas import CopyState
+
+    rng = np.random.default_rng(8)
+    ids = np.array([rng.choice(8, 2, replace=False) for _ in range(90)])
+    t = trace_from_ids(ids, 8)
+    topo = Topology.uniform(4, 2)
+    layout = np.array([[0, 1, 4], [2, 3, 0], [4, 5, 2], [6, 7, 1]])  # with copies
+    groups = rng.integers(-1, 2, len(ids))
+    W = origin_weights(groups, ((0, 1), (2, 3)), 4)
+    Wn = np.stack([W[[0, 1]].sum(axis=0), W[[2, 3]].sum(axis=0)]) * 4
+    st = CopyState(ids, layout, topo, 8, 1e9, origin=Wn)
+    m = evaluate_routed({1: layout}, topo, t, groups, ((0, 1), (2, 3)))
+    assert st.node_cost() / (len(ids) * 4) == pytest.approx(m.node_sends)
+    load = np.zeros(4)
+    for e in range(8):
+        load += st.expert_load(e, sorted(st.holders[e]))
+    assert load.max() / load.mean() == pytest.approx(m.imbalance)
