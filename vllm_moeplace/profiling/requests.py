@@ -232,5 +232,6 @@ def plot(r: RequestAnalysis, out) -> str | None:
     ax.set_xticks(xs, names, rotation=30, fontsize=8)
     ax.set_ylabel("target pairs on own home set")
     ax.set_title("held-out requests: target routing on their group's experts")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.0)  # room above the bars for the legend
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     return _save(fig, out, "request_groups.png")
