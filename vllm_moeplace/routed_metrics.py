@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vllm_moeplace.metrics import _check_inputs, _holds, rule_hosts
-from vllm_moeplace.plan import Topology
+from vllm_moeplace.plan import Plan, Topology
 from vllm_moeplace.trace import Trace
 
 
@@ -122,7 +122,7 @@ class RoutingScore:
                 "fallback_requests": self.fallback_requests}
 
 
-def score_routing(plan, trace: Trace, window: int = 1) -> RoutingScore:
+def score_routing(plan: Plan, trace: Trace, window: int = 1) -> RoutingScore:
     """Route each request of `trace` by the plan's router from its own prefill signature (never
     its decode routing; `window` consecutive arrivals at a time), score the placement with those
     origins, and with requests spread evenly."""
