@@ -450,3 +450,19 @@ def test_copy_state_with_group_origins_matches_the_routed_metrics():
     for e in range(8):
         load += st.expert_load(e, sorted(st.holders[e]))
     assert load.max() / load.mean() == pytest.approx(m.imbalance)
+
+
+def test_routed_batches_keep_every_rank_full_and_origins_in_the_tokens_group():
+    from vllm_moeplace.sim.network import BatchSpec
+    from vllm_moeplace.sim.run import sample_routed_batches
+
+    t = two_populations(n_req=10)
+    groups = np.where(t.request_ids % 2 == 0, 0, 1)
+    groups[t.request_ids == 9] = -1  # spread by the router: any rank
+    spec = BatchSpec(tokens_per_rank=5, phase="decode", steps=3, seed=0)
+    for b in sample_routed_batches(t, spec, groups, ((0, 1), (2, 3)), 4):
+        assert np.bincount(b.origins, minlength=4).tolist() == [5, 5, 5, 5]
+        assert not t.is_prefill[b.tokens].any()
+        g = groups[b.tokens]
+        home = np.where(b.origins < 2, 0, 1)
+        assert ((g == home) | (g < 0)).all()
