@@ -104,6 +104,9 @@ class PlanModel(BaseModel):
     layers: dict[str, list[list[ExpertId]]]
     replica_rule: str | None = None
     """Version 2: how a token picks among an expert's copies (`replica.REPLICA_RULE`)."""
+    request_routing: dict[str, Any] | None = None
+    """Optional: which DP ranks each request runs on (`request_routing.RequestRoutingModel`,
+    versioned on its own); checked against the plan in `parse_plan`."""
     solver: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("format")
@@ -212,6 +215,7 @@ class Plan:
         layers: dict[int, np.ndarray],
         solver: dict[str, Any] | None = None,
         source: str = "<plan>",
+        request_routing: Any = None,
     ):
         self.model_name = model_name
         self.num_experts = int(num_experts)
@@ -221,6 +225,7 @@ class Plan:
         self.layers = {int(k): np.asarray(v, dtype=np.int64) for k, v in layers.items()}
         self.solver = dict(solver or {})
         self.source = source
+        self.request_routing = request_routing  # request_routing.RequestRouting or None
 
     # ---- derived views -------------------------------------------------------------------
     def slots_per_rank(self) -> int:
@@ -251,6 +256,8 @@ class Plan:
         }
         if self.has_redundancy():
             out["replica_rule"] = REPLICA_RULE
+        if self.request_routing is not None:
+            out["request_routing"] = self.request_routing.to_json()
         out["solver"] = self.solver
         return out
 
@@ -316,6 +323,17 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
                 f"{source}: field 'layers.{key}': unequal slot counts per rank {[len(r) for r in ranks]}"
             )
         layers[layer] = np.array(ranks, dtype=np.int64).reshape(len(ranks), lens.pop() if lens else 0)
+    routing = None
+    if m.request_routing is not None:
+        from vllm_moeplace.request_routing import RoutingError, parse_request_routing
+
+        try:
+            routing = parse_request_routing(m.request_routing, num_experts=m.model.num_experts,
+                                            moe_layers=m.model.moe_layers, ep_size=m.ep_size,
+                                            node_of_rank=topo.node_of_rank, where="request_routing")
+        except RoutingError as e:
+            loc, _, msg = str(e).partition(": ")
+            raise PlanError(f"{source}: field '{loc}': {msg}") from None
     plan = Plan(
         model_name=m.model.name,
         num_experts=m.model.num_experts,
@@ -325,6 +343,7 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
         layers=layers,
         solver=m.solver,
         source=source,
+        request_routing=routing,
     )
     validate_plan(plan)
     return plan

@@ -43,6 +43,18 @@ def plan_json_schema() -> dict[str, Any]:
     # Version 2's only rule; a null or absent value means the same rule (the reader's default).
     props["replica_rule"]["anyOf"] = [{"const": REPLICA_RULE}, {"type": "null"}]
     props["replica_rule"]["description"] = "Version 2 only: how a token picks among an expert's copies."
+    # The optional request-routing section: its own versioned model (`request_routing`).
+    from vllm_moeplace.request_routing import RequestRoutingModel
+
+    routing = RequestRoutingModel.model_json_schema()
+    schema.setdefault("$defs", {}).update(routing.pop("$defs", {}))
+    schema["$defs"]["RequestRoutingModel"] = routing
+    props["request_routing"] = {
+        "anyOf": [{"$ref": "#/$defs/RequestRoutingModel"}, {"type": "null"}],
+        "default": None,
+        "description": "Optional: the request router (signature, group centroids, group -> DP ranks); "
+        "plans without it route requests evenly.",
+    }
     props["solver"]["description"] = "Free-form provenance (method, options, objective); not interpreted by readers."
     schema.update(
         {

@@ -25,6 +25,7 @@ from vllm_moeplace.plan import Plan, Topology, check_redundant_per_rank, load_pl
 from vllm_moeplace.errors import MoeplaceError
 from vllm_moeplace.solver.baselines import BASELINES, available_baselines, baseline_layers
 from vllm_moeplace.metrics import METRIC_NAMES, Metrics, check_plan_fits_trace, evaluate_layers
+from vllm_moeplace.routed_metrics import RoutingScore, score_routing
 from vllm_moeplace.solver.topology_file import describe, resolve_topology
 from vllm_moeplace.trace import Trace, load_trace
 
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     topo = parser.add_mutually_exclusive_group()
     topo.add_argument("--ranks-per-node", type=int, help="with --ep-size: consecutive ranks per node")
     topo.add_argument("--topology", help="with --ep-size: topology file (nodes + link_cost JSON)")
+    parser.add_argument("--router-window", type=int, default=1, metavar="W",
+                        help="plans with request_routing: route W consecutive requests together (balanced by "
+                             "regret under the share cap; default 1 = one at a time)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -127,14 +131,39 @@ def run(args: argparse.Namespace) -> int:
         name = _plan_name(method, taken)
         taken.add(name)
         rows.append(Row(name, "baseline", method, evaluate_layers(layers, topology, train), evaluate_layers(layers, topology, test)))
+    routed = {name: (score_routing(plan, train, args.router_window), score_routing(plan, test, args.router_window))
+              for (path, plan), name in zip(plans, [r.name for r in rows if r.kind == "plan"])
+              if plan.request_routing is not None}
     for n in notes:
         print(f"moeplace evaluate: note: {n}", file=sys.stderr)
     if args.json:
-        print(json.dumps({r.name: {"kind": r.kind, "source": r.source, "held_out": r.held_out.as_dict(),
-                                   "in_sample": r.in_sample.as_dict()} for r in rows}, indent=1))
+        out = {r.name: {"kind": r.kind, "source": r.source, "held_out": r.held_out.as_dict(),
+                        "in_sample": r.in_sample.as_dict()} for r in rows}
+        for name, (ins, held) in routed.items():
+            out[name]["request_routing"] = {"held_out": held.as_dict(), "in_sample": ins.as_dict()}
+        print(json.dumps(out, indent=1))
         return 0
     _print_report(trace, train, test, topology, red, rows, args)
+    for name, (ins, held) in routed.items():
+        _print_routing(name, ins, held)
     return 0
+
+
+def _print_routing(name: str, ins: RoutingScore, held: RoutingScore) -> None:
+    """A request-aware plan: each request routed by the plan's router from its own prefill
+    signature, against the same placement with requests spread evenly over the ranks."""
+    print(f"\nrequest routing of {name} (token origin = a rank of the request's group; spread = the same placement "
+          "with requests spread evenly)")
+    cols = ("node_sends_prefill", "node_sends_decode", "node_sends", "rank_sends", "imbalance")
+    print(f"{'requests':<10} {'origin':<7} " + " ".join(f"{c:>18}" for c in cols) + f" {'group share':>12} {'token share':>12}")
+    for part, sc in (("held-out", held), ("in-sample", ins)):
+        for kind in ("routed", "spread"):
+            m = getattr(sc, kind).as_dict()
+            share = f"{sc.share_imbalance:>12.3f} {sc.token_share_imbalance:>12.3f}" if kind == "routed" else ""
+            print(f"{part:<10} {kind:<7} " + " ".join(f"{m[c]:>18.4f}" for c in cols) + f" {share}")
+        if sc.spread.node_sends_decode > 0:
+            print(f"{part:<10} decode node_sends routed / spread: {sc.routed.node_sends_decode / sc.spread.node_sends_decode:.3f}"
+                  f"; {sc.fallback_requests} request(s) without a signature (fallback)")
 
 
 def _print_report(trace: Trace, train: Trace, test: Trace, topology: Topology, red: int, rows: list[Row],

@@ -84,6 +84,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--model", default=None, help="model folder (or its config.json); read for n_group by --preserve-groups")
     io.add_argument("--model-name", default=None, help="model name recorded in the plan (default: the trace's meta)")
     add_option_flags(p)
+    rq = p.add_argument_group("request routing options (request-aware placement, issue 12)")
+    rq.add_argument("--request-groups", type=int, nargs="?", const=0, default=None, metavar="G",
+                    help="group the requests by their prefill routing into G groups of DP ranks (a multiple of the "
+                         "node count; without G: one group per node), place experts so each group's tokens find "
+                         "them on its node, and write the router into the plan's request_routing section")
+    rq.add_argument("--signature-layers", type=int, default=0, metavar="N",
+                    help="the request signature reads the prefill routing of the first N MoE layers (default 0: all)")
+    rq.add_argument("--max-group-share", type=float, default=None, metavar="X",
+                    help="the router keeps every group at <= X times its fair share of requests (default 1.10)")
+
+
+def _request_groups(args: argparse.Namespace, topology: Topology):
+    """RequestGroupOptions from the flags, or None; the flags that need --request-groups say so."""
+    from vllm_moeplace.request_routing import DEFAULT_MAX_SHARE
+    from vllm_moeplace.solver.request_groups import RequestGroupOptions
+
+    if args.request_groups is None:
+        for flag, given in (("--signature-layers", args.signature_layers), ("--max-group-share", args.max_group_share)):
+            if given:
+                raise MoeplaceError(f"{flag} {given}: only with --request-groups")
+        return None
+    g = args.request_groups or topology.num_nodes
+    share = DEFAULT_MAX_SHARE if args.max_group_share is None else args.max_group_share
+    return RequestGroupOptions(g, args.signature_layers, share)
 
 
 def _topology(args: argparse.Namespace) -> Topology:
@@ -180,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
 
     load_only = is_load_trace(args.trace)
     if load_only or args.objective == "balance":
+        if args.request_groups is not None:
+            raise MoeplaceError("--request-groups needs per-token routing (a native trace), not --objective balance "
+                                "or a load-only trace")
         return _run_balance(args, load_only)
 
     try:
@@ -193,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     check_redundant_per_rank(opts.redundant_per_rank, trace.num_experts, topology.ep_size)  # else a long futile search
     meta_name = trace.meta.get("model") if isinstance(trace.meta, dict) else None
-    plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace)
+    groups = _request_groups(args, topology)
+    plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace,
+                 request_groups=groups)
     plan.save(args.out)
     s = plan.solver
     print(
@@ -213,5 +242,13 @@ def run(args: argparse.Namespace) -> int:
         for name, x in (("plan", m), ("linear", b)):
             print(f"{name:12s} {x.node_sends:10.3f} {x.rank_sends:11.3f} {x.hop_cost:9.3f} {x.imbalance:10.3f}")
         print(f"node_sends vs linear: {m.node_sends / b.node_sends:.3f}x")
+        if plan.request_routing is not None:
+            from vllm_moeplace.routed_metrics import score_routing
+
+            sc = score_routing(plan, held)
+            print(f"held-out, routed by the plan's router: decode node_sends {sc.routed.node_sends_decode:.3f} "
+                  f"(spread evenly {sc.spread.node_sends_decode:.3f}), prefill {sc.routed.node_sends_prefill:.3f} "
+                  f"(spread {sc.spread.node_sends_prefill:.3f}), imbalance {sc.routed.imbalance:.3f}, "
+                  f"group share {sc.share_imbalance:.3f} x fair")
     print(f"wrote {args.out}")
     return 0

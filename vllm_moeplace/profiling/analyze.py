@@ -453,5 +453,12 @@ def write_report(trace: Trace, out_dir, commands: list[str], trace_path: str, ra
         figs["labels"] = plots.plot_label_jaccard(a, out)
     if np.isfinite(a.stability_corr).any():
         figs["stability"] = plots.plot_stability(a, out)
-    (out / "report.md").write_text(render_report(a, trace.meta, commands, figs, trace_path), encoding="utf-8")
+    text = render_report(a, trace.meta, commands, figs, trace_path)
+    # Request-level routing (request-aware placement, `requests`): its own section at the end.
+    from vllm_moeplace.profiling import requests
+
+    ra = requests.analyze_requests(trace)
+    if ra is not None:
+        text += "\n" + "\n".join(requests.render(ra, requests.plot(ra, out)))
+    (out / "report.md").write_text(text, encoding="utf-8")
     return a

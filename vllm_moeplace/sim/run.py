@@ -65,6 +65,33 @@ def sample_batches(trace: Trace, batch: BatchSpec, ep_size: int) -> list[Batch]:
     return out
 
 
+def sample_routed_batches(trace: Trace, batch: BatchSpec, token_group: np.ndarray,
+                          group_ranks: tuple[tuple[int, ...], ...], ep_size: int) -> list[Batch]:
+    """Batches when requests are routed to groups of DP ranks (request-aware placement): every rank
+    still holds `tokens_per_rank` tokens, drawn from the tokens (of the phase) of the requests its
+    group was routed, so its origin is a rank of the token's group. token_group int [T] (-1: the
+    router spread the request; such tokens may land on any rank)."""
+    pool_mask = np.ones(trace.num_tokens, dtype=bool) if batch.phase == "any" else (
+        trace.is_prefill == (batch.phase == "prefill"))
+    rng = np.random.default_rng(batch.seed)
+    group_of_rank = np.full(ep_size, -1, dtype=np.int64)
+    for g, ranks in enumerate(group_ranks):
+        group_of_rank[list(ranks)] = g
+    pools = {}
+    for r in range(ep_size):
+        g = group_of_rank[r]
+        pool = np.nonzero(pool_mask & ((token_group == g) | (token_group < 0)))[0]
+        if pool.size == 0:
+            raise SimParamsError(f"batch phase '{batch.phase}': no {batch.phase} tokens routed to the group of rank {r}")
+        pools[r] = pool
+    out = []
+    for _ in range(batch.steps):
+        toks = [rng.choice(pools[r], size=batch.tokens_per_rank, replace=pools[r].size < batch.tokens_per_rank)
+                for r in range(ep_size)]
+        out.append(Batch(tokens=np.concatenate(toks), origins=np.repeat(np.arange(ep_size), batch.tokens_per_rank)))
+    return out
+
+
 def simulate(
     layers: dict[int, np.ndarray],
     topology: Topology,

@@ -27,6 +27,7 @@ from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.ranks import place_ranks
 from vllm_moeplace.solver.redundancy import add_replicas, copy_counts, rebalance
 from vllm_moeplace.solver.replicas import CopyPlacementError, everywhere_set, place_copies, project_out
+from vllm_moeplace.solver.request_copies import CopyModel, place_request_copies
 from vllm_moeplace.solver.swap_search import SwapSearch
 from vllm_moeplace.trace import Trace
 
@@ -80,7 +81,12 @@ def solve_layer(
     sizes = g * s
     base = LayerInstance.from_trace(train, l) if base is None else base
     load = base.expert_load()
-    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality"
+    origins = objective.origins(topology)  # None: tokens start on a uniform rank
+    node_origin = None if origins is None else node_origin_weights(origins, topology)
+    # Locality copies price origins per node (uniform inside it): request groups of whole nodes
+    # fit; groups inside nodes take the per-rank copy step (`request_copies`).
+    locality_copies = bool(opt.redundant_per_rank) and opt.copy_placement == "locality" and (
+        origins is None or node_origin is not None)
     copies = None
     if opt.redundant_per_rank and (opt.copy_placement == "balance" or load.max() > opt.max_imbalance * load.sum() / R):
         # Decide the copy counts first and balance the primaries on their per-copy share: the
@@ -95,6 +101,9 @@ def solve_layer(
     # ---- Step 1 inputs: the objective's terms, the cap, the start ------------------------------
     terms = objective.node_terms(topology, load)
     inst, pweight = base, None
+    own = objective.layer_patterns(train, l, topology)
+    if own is not None:  # per-token node weights (request origins); never with the inter-layer term
+        inst, pweight = own
     if prev_nodes is not None:
         inst, pweight = inter_layer_instance(train, l, prev_nodes, node_sends_weights(topology), opt.inter_layer_weight, R)
         pweight = pweight * terms.pattern_scale
@@ -158,7 +167,13 @@ def solve_layer(
 
     # ---- Step 3: copies -------------------------------------------------------------------------
     if locality_copies:
-        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_time, everywhere, q)
+        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_time, everywhere, q,
+                                                           node_origin)
+    elif opt.redundant_per_rank and origins is not None and opt.copy_placement == "locality":
+        # request groups inside nodes: copies for the groups' per-rank origins
+        model = CopyModel(train, l, origins, topology, opt.max_imbalance)
+        layout = place_request_copies(model, layout, opt.redundant_per_rank)
+        rank_imb = model.imbalance(layout)
     elif opt.redundant_per_rank:
         layout, rank_imb = balance_copies_step(layout, load, topology, opt.redundant_per_rank, copies, int(train.layer_ids[l]))
 
@@ -220,6 +235,7 @@ def locality_copies_step(
     seconds: float,
     everywhere: np.ndarray,
     q: np.ndarray | None,
+    origin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Step 3, locality mode (`replicas.place_copies`): (layout with copies, train rank imbalance
     under the replica rule, train node cost with copies). Deterministic mode bounds the search by
@@ -239,6 +255,7 @@ def locality_copies_step(
             # --balance-risk k: the copies keep k held-out standard deviations under the cap too
             # (the whole expert's risk: the rule's shares are folded in by place_copies).
             risk=risk_matrix(train, l, opt, None, q),
+            origin=origin,
         )
     except CopyPlacementError as e:
         raise SolveError(f"layer {layer}: {e}") from None
@@ -274,6 +291,18 @@ def with_replicas(layout, load, topology: Topology, n: int, copies: np.ndarray, 
             warnings.warn(f"layer {layer}: {first}; placed at most {most} copies per expert instead", stacklevel=3)
             return out
         raise SolveError(f"layer {layer}: {first}") from None
+
+
+def node_origin_weights(origins: np.ndarray, topology: Topology) -> np.ndarray | None:
+    """float [N, T]: R x the probability that each token starts on node n, from per-rank origin
+    probabilities [R, T]; None when some token's origin is not uniform over a node's ranks."""
+    out = np.zeros((topology.num_nodes, origins.shape[1]))
+    for n, ranks in enumerate(topology.nodes):
+        block = origins[np.asarray(ranks)]
+        if not np.allclose(block, block[0:1]):
+            return None
+        out[n] = block.sum(axis=0) * topology.ep_size
+    return out
 
 
 def check_balance(load: np.ndarray, R: int, bound: float, layer: int, redundant: int) -> None:

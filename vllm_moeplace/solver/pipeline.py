@@ -32,9 +32,11 @@ from vllm_moeplace.plan import Plan, Topology, validate_plan
 from vllm_moeplace.solver.balance import BALANCE_STRATEGIES, SolveRun
 from vllm_moeplace.solver.budget import Budget
 from vllm_moeplace.solver.layer import LayerResult, SolveError
-from vllm_moeplace.solver.objectives import get_objective
+from vllm_moeplace.solver.objectives import Objective, get_objective
+from vllm_moeplace.solver.objectives.request_sends import RequestNodeSends
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.provenance import OVERFLOW_WARNING, SolveReport
+from vllm_moeplace.solver.request_groups import RequestGroupOptions, fit_request_routing
 from vllm_moeplace.trace import Trace
 
 __all__ = ["LayerResult", "SolveError", "check_instance", "solve"]
@@ -47,8 +49,12 @@ def solve(
     *,
     model_name: str = "unknown",
     trace_path: str | None = None,
+    request_groups: RequestGroupOptions | None = None,
 ) -> Plan:
-    """A validated plan for every MoE layer of `trace` (trained on options.train_fraction of it)."""
+    """A validated plan for every MoE layer of `trace` (trained on options.train_fraction of it).
+
+    request_groups: also group the requests and route them (`request_groups`); the objective is
+    then request_node_sends and the plan carries a request_routing section."""
     t0 = time.monotonic()
     # ---- data in ------------------------------------------------------------------------------
     E, R = trace.num_experts, topology.ep_size
@@ -57,7 +63,16 @@ def solve(
     if options.risk_scale is None and not options.redundant_per_rank:
         # Resolved once, and recorded in the plan's options so a re-run reproduces it.
         options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(train, E // R, seed=options.seed)})
-    objective = get_objective(options.objective)
+    grouping = None
+    if request_groups is not None:
+        check_request_groups(options)
+        options = options.model_copy(update={"objective": "request_node_sends"})
+        grouping = fit_request_routing(train, topology, request_groups, seed=options.seed)
+        objective: Objective = RequestNodeSends(grouping.token_group, grouping.routing.group_ranks, topology.node_of_rank)
+    elif options.objective == "request_node_sends":
+        raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")
+    else:
+        objective = get_objective(options.objective)
     run = SolveRun(train, topology, options, objective, Budget(t0, options.time_limit, options.deterministic),
                    np.random.default_rng(options.seed))
 
@@ -77,9 +92,27 @@ def solve(
         topology=topology,
         layers={int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)},
         solver=report.to_json(),
+        request_routing=None if grouping is None else grouping.routing,
     )
+    if grouping is not None:
+        plan.solver["request_groups"] = {
+            "num_groups": request_groups.num_groups, "signature_layers": list(grouping.routing.layers),
+            "max_share": request_groups.max_share, "train_share_imbalance": grouping.train_share_imbalance,
+        }
     validate_plan(plan)
     return plan
+
+
+def check_request_groups(options: SolveOptions) -> None:
+    """What request groups do not combine with yet, refused by name."""
+    if options.objective not in ("node_sends", "request_node_sends"):
+        raise SolveError(f"--request-groups replaces the objective by request_node_sends; --objective {options.objective} "
+                         "cannot be combined with it")
+    for flag, value, default in (("--inter-layer-weight", options.inter_layer_weight, 0.0),
+                                 ("--preserve-groups", options.preserve_groups, 0)):
+        if value != default:
+            raise SolveError(f"--request-groups with {flag} {value}: not supported yet (it assumes tokens start on "
+                             "a uniform rank)")
 
 
 def check_instance(E: int, topology: Topology, options: SolveOptions) -> None:

@@ -59,9 +59,14 @@ class CopyState:
     """Exact node_sends and rank loads of one layer under the replica rule, as copies change."""
 
     def __init__(
-        self, ids: np.ndarray, layout: np.ndarray, topology: Topology, num_experts: int, cap: float, risk: np.ndarray | None = None
+        self, ids: np.ndarray, layout: np.ndarray, topology: Topology, num_experts: int, cap: float, risk: np.ndarray | None = None,
+        origin: np.ndarray | None = None,
     ):
         ids = np.asarray(ids, dtype=np.int64)
+        # Origin weights float [N, T]: R x the probability that token t starts on node m, uniform
+        # over that node's ranks (request groups, `request_routing`); None: uniform over all ranks,
+        # i.e. g[m] for every token (the exact integer arithmetic below).
+        self.Wn = None if origin is None else np.asarray(origin, dtype=np.float64)
         self.T, self.K = ids.shape
         self.E = num_experts
         self.R = topology.ep_size
@@ -126,6 +131,8 @@ class CopyState:
         ranks candidates before their exact delta is computed."""
         old = self.HN[u]
         lost = (old != u) & (self.C[u][self.flat_tok, old] == 1)
+        if self.Wn is not None:
+            return np.bincount(self.flat_ids[lost], weights=self.Wn[u][self.flat_tok[lost]], minlength=self.E)
         return np.bincount(self.flat_ids[lost], minlength=self.E) * float(self.g[u])
 
     # ---- the rule, per expert ------------------------------------------------------------------
@@ -145,8 +152,19 @@ class CopyState:
             return int(hn[0])
         return hn[self.pairs[e] % len(hold)]
 
+    def _wcounts(self, e: int, c: int, m: int) -> np.ndarray:
+        """float [c]: e's pairs whose key is j mod c, each weighted by its origin weight on node m
+        per origin rank of m (Wn[m, t] / g[m])."""
+        k = (e, c, -1 - m)
+        if k not in self._residues:
+            w = self.Wn[m][self.ptok[e]] / float(self.g[m])
+            self._residues[k] = np.bincount(self.pairs[e] % c, weights=w, minlength=c)
+        return self._residues[k]
+
     def expert_load(self, e: int, hold: list[int]) -> np.ndarray:
         """float [R]: expected pairs of e each rank serves, mean over origins, for copy set `hold`."""
+        if self.Wn is not None:
+            return self._expert_load_weighted(e, hold)
         out = np.zeros(self.R)
         n_pairs = float(self.pairs[e].size)
         hold_a = np.asarray(hold, dtype=np.int64)
@@ -163,11 +181,33 @@ class CopyState:
                 out[hold_a] += self.g[m] * spread_all
         return out / self.R
 
+    def _expert_load_weighted(self, e: int, hold: list[int]) -> np.ndarray:
+        """expert_load with origin weights: per origin node m, each of its ranks starts pair p
+        with weight Wn[m, t_p] / g[m]; a rank holding e serves its own, the others go by the rule."""
+        out = np.zeros(self.R)
+        hold_a = np.asarray(hold, dtype=np.int64)
+        hn = self.node[hold_a]
+        for m in range(self.N):
+            if not self.Wn[m][self.ptok[e]].any():
+                continue
+            on = hold_a[hn == m]
+            if on.size:
+                out[on] += self._wcounts(e, 1, m)[0]
+                others = self.g[m] - on.size
+                if others:
+                    out[on] += others * self._wcounts(e, on.size, m)
+            else:
+                out[hold_a] += self.g[m] * self._wcounts(e, len(hold), m)
+        return out / self.R
+
     # ---- cost ----------------------------------------------------------------------------------
     def node_cost(self) -> float:
         tot = 0.0
         for m in range(self.N):
             touched = self.C[m] > 0
+            if self.Wn is not None:
+                tot += float((touched.sum(axis=1) - touched[:, m]) @ self.Wn[m])
+                continue
             tot += self.g[m] * (touched.sum() - touched[:, m].sum())
         return float(tot)
 
@@ -190,9 +230,12 @@ class CopyState:
         tot = 0
         for m, _, t, vo, vn in self._changed_hosts(e, hold):
             Cm = self.C[m]
-            lost = int(((vo != m) & (Cm[t, vo] == 1)).sum())
-            gained = int(((vn != m) & (Cm[t, vn] == 0)).sum())
-            tot += int(self.g[m]) * (gained - lost)
+            lost = (vo != m) & (Cm[t, vo] == 1)
+            gained = (vn != m) & (Cm[t, vn] == 0)
+            if self.Wn is not None:
+                tot += float(self.Wn[m][t] @ (gained.astype(np.float64) - lost))
+                continue
+            tot += int(self.g[m]) * (int(gained.sum()) - int(lost.sum()))
         return float(tot)
 
     def apply(self, e: int, hold: list[int]) -> None:
@@ -281,20 +324,22 @@ def place_copies(
     allowed: np.ndarray | None = None,
     everywhere: np.ndarray | None = None,
     risk: np.ndarray | None = None,
+    origin: np.ndarray | None = None,
 ) -> CopyResult:
     """Fill `extra_per_rank` extra slots on every rank of `layout` (int [R, S], each expert once).
 
     ids: the layer's train routing int [T, K] (row = spread key). risk: optional [E, E] load-risk
     matrix (already scaled): every rank keeps sqrt(F' Q F) under the cap too. allowed: optional bool [E, R],
     which ranks may hold a copy of e (e.g. group-preserving mode); every rank must be able to
-    fill its slots. Raises CopyPlacementError naming the shortfall when they cannot be filled.
+    fill its slots. origin: optional float [N, T] origin weights (`CopyState`; request groups).
+    Raises CopyPlacementError naming the shortfall when they cannot be filled.
     """
     layout = np.asarray(layout, dtype=np.int64)
     R, S = layout.shape
     E = num_experts
     ids = np.asarray(ids, dtype=np.int64)
     mean = ids.size / R
-    st = CopyState(ids, layout, topology, E, max_imbalance * mean, risk)
+    st = CopyState(ids, layout, topology, E, max_imbalance * mean, risk, origin)
     start = st.node_cost()
     free = np.full(R, extra_per_rank, dtype=np.int64)
     extras: list[list[int]] = [[] for _ in range(R)]

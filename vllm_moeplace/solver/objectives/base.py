@@ -30,6 +30,7 @@ import numpy as np
 
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.solver.instance import LayerInstance, node_weights
+from vllm_moeplace.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,17 @@ class Objective(ABC):
     @abstractmethod
     def node_terms(self, topology: Topology, load: np.ndarray) -> NodeTerms:
         """The node-level cost terms of one layer. load: float64 [E] (token, expert) pairs."""
+
+    def layer_patterns(self, train: Trace, l: int, topology: Topology) -> tuple[LayerInstance, np.ndarray] | None:
+        """The layer's patterns with a weight row each, float [P, N] (x R, counts not included),
+        when touching a node costs a token something that depends on the token (its origin), or
+        None: the plain patterns of `instance`, every row `node_terms().unit_weight`."""
+        return None
+
+    def origins(self, topology: Topology) -> np.ndarray | None:
+        """float [R, T_train]: probability that train token t starts on rank o, or None: uniform
+        over all ranks (every objective but request_node_sends)."""
+        return None
 
     def rank_weight(self, topology: Topology) -> np.ndarray | None:
         """float [R]: cost of a token touching rank r inside its nodes, or None when ranks are
