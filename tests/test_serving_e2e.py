@@ -81,12 +81,18 @@ class Setup:
 @pytest.fixture(scope="module")
 def setups(tiny_model_factory, tmp_path_factory):
     """Engine runs per architecture, made once when a test first asks for that architecture."""
-    cache: dict[str, Setup] = {}
+    cache: dict[str, Setup | BaseException] = {}
 
     def get(arch: str) -> Setup:
         if arch not in cache:
-            cache[arch] = _make_setup(arch, tiny_model_factory, tmp_path_factory)
-        return cache[arch]
+            try:
+                cache[arch] = _make_setup(arch, tiny_model_factory, tmp_path_factory)
+            except Exception as e:  # a failed setup fails each of its tests at once, not by re-running
+                cache[arch] = e
+        got = cache[arch]
+        if isinstance(got, BaseException):
+            raise got
+        return got
 
     return get
 
