@@ -46,6 +46,10 @@ CPSAT_CALL_MAX_S = 1.0
 ROUND_SLACK_S = 0.02
 # In-node rank repair and descent: a generous clock bound (they finish in milliseconds).
 RANK_SEARCH_S = 5.0
+# The least the node- and rank-level load repairs get when the layer's budget is already spent:
+# balance is a constraint, not a goal (a few hundred ms of overrun over all layers, not a plan
+# over its cap).
+REPAIR_MIN_S = 0.1
 
 
 @dataclass(frozen=True)
