@@ -61,15 +61,17 @@ def solve(
     E, R = trace.num_experts, topology.ep_size
     check_instance(E, topology, options)
     train = trace if options.train_fraction >= 1.0 else trace.split_by_request(options.train_fraction)[0]
-    if options.risk_scale is None and not options.redundant_per_rank:
-        # Resolved once, and recorded in the plan's options so a re-run reproduces it.
-        options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(train, E // R, seed=options.seed)})
-    objective = get_objective(options.objective)
     budget = Budget(t0, options.time_limit, options.deterministic)
     # The patterns the budget can use: a token sample when the trace is larger (`sample`).
     sample = choose_sample(train, budget.layer(0, train.num_layers), topology.num_nodes, options.deterministic, options.seed)
+    search = sample.trace(train)
+    if options.risk_scale is None and not options.redundant_per_rank:
+        # Resolved once, and recorded in the plan's options so a re-run reproduces it (measured
+        # on the sample when there is one: it is a ratio, and it reads every layer of its trace).
+        options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(search, E // R, seed=options.seed)})
+    objective = get_objective(options.objective)
     run = SolveRun(train, topology, options, objective, budget, np.random.default_rng(options.seed),
-                   search=sample.trace(train), sampled=sample.tokens is not None)
+                   search=search, sampled=sample.tokens is not None)
 
     # ---- per-layer search under the balance strategy (bounds included) -------------------------
     outcome = BALANCE_STRATEGIES[options.balance_target]().run(run)
