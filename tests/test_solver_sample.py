@@ -52,12 +52,14 @@ def test_unique_patterns_of_a_token_subset_is_the_subset_trace():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_sample_size_scales_with_budget_between_floor_and_trace():
-    rate = 1e-6
-    assert S.sample_size(10**6, 8, 1.0, rate, 20_000) == int(S.SETUP_SHARE * 1.0 / (8 * rate))
-    assert S.sample_size(10**6, 8, 2.0, rate, 20_000) == 2 * S.sample_size(10**6, 8, 1.0, rate, 20_000)
-    assert S.sample_size(10**6, 8, 1e-4, rate, 20_000) == 20_000  # floor
-    assert S.sample_size(30_000, 8, 100.0, rate, 20_000) == 30_000  # never more than there is
+def test_sample_size_fits_the_setup_share_between_floor_and_trace():
+    u, K, E = 1e-7, 8, 256
+    n = S.sample_size(10**6, K, E, 2.0, u, 20_000)
+    setup = lambda n: u * (S.SETUP_PER_PAIR * n * K + S.SETUP_PER_E2 * E**2)  # noqa: E731
+    assert setup(n) <= S.SETUP_SHARE * 2.0 < setup(n + 1)
+    assert S.sample_size(10**6, K, E, 4.0, u, 20_000) > 2 * n  # the fixed E^2 part is paid once
+    assert S.sample_size(10**6, K, E, 1e-3, u, 20_000) == 20_000  # floor
+    assert S.sample_size(30_000, K, E, 100.0, u, 20_000) == 30_000  # never more than there is
 
 
 def test_choose_sample_keeps_small_traces_whole_and_is_reproducible():
@@ -67,12 +69,12 @@ def test_choose_sample_keeps_small_traces_whole_and_is_reproducible():
     old = S.DET_MIN_TOKENS
     try:
         S.DET_MIN_TOKENS = 1000
-        a = S.choose_sample(tr, 0.01, 2, deterministic=True, seed=3)
-        b = S.choose_sample(tr, 0.01, 2, deterministic=True, seed=3)
+        a = S.choose_sample(tr, 0.02, 2, deterministic=True, seed=3)
+        b = S.choose_sample(tr, 0.02, 2, deterministic=True, seed=3)
     finally:
         S.DET_MIN_TOKENS = old
-    assert a.tokens is not None and np.array_equal(a.tokens, b.tokens)
-    assert a.size == S.sample_size(6000, 4, 0.01, S.STATIC_S_PER_PAIR, 1000)
+    assert a.tokens is not None and np.array_equal(a.tokens, b.tokens) and a.size < 6000
+    assert a.size == S.sample_size(6000, 4, 32, 0.02, S.STATIC_S_PER_PAIR, 1000) > 1000
     assert np.all(np.diff(a.tokens) > 0) and a.tokens.max() < 6000
     assert a.to_json()["of"] == 6000 and a.to_json()["cost_source"] == "static"
 

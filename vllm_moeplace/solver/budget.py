@@ -47,9 +47,10 @@ ROUND_SLACK_S = 0.02
 # In-node rank repair and descent: a generous clock bound (they finish in milliseconds).
 RANK_SEARCH_S = 5.0
 # The least the node- and rank-level load repairs get when the layer's budget is already spent:
-# balance is a constraint, not a goal (a few hundred ms of overrun over all layers, not a plan
-# over its cap).
-REPAIR_MIN_S = 0.1
+# balance is a constraint, not a goal. They stop as soon as the caps hold (milliseconds to tenths
+# of a second on an idle 2-core machine at R1 shape); the floor only matters on a busy machine,
+# where 0.1 s left R1 layers 6-11% over the cap (benchmarks/results/solver_scale.md).
+REPAIR_MIN_S = 1.0
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,13 @@ of a layer's budget; the rest is search. Expert loads (the balance caps) and the
 still come from every train token, so balance is exact on train; only the communication
 objective is estimated from the sample (unbiased: uniform tokens).
 
-The setup cost per token is measured at the start of the solve on a probe (the real setup work
-on PROBE_TOKENS tokens of the first layer), so a busy machine samples less. Deterministic mode
-uses STATIC_S_PER_TOKEN instead (no clock) and never samples below DET_MIN_TOKENS, so its plans
-on traces up to that size are the same as without sampling.
+The setup cost is measured at the start of the solve on a probe (part of the real setup work, on
+PROBE_TOKENS tokens of the first layer), so a busy machine samples less. Model of one layer's
+setup, in units of the probe's seconds per (token, expert) pair `u`:
+    setup(n) = u * (SETUP_PER_PAIR * n * K + SETUP_PER_E2 * E^2)
+(the E^2 part: warm start, the swap searches' E x E candidate matrices, the noise model).
+Deterministic mode uses STATIC_S_PER_PAIR for u (no clock) and never samples below
+DET_MIN_TOKENS, so its plans on traces up to that size are the same as without sampling.
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ SETUP_SHARE = 0.4
 MIN_TOKENS = 20_000
 # Deterministic mode: never sample traces up to this size (keeps the shared traces' plans).
 DET_MIN_TOKENS = 100_000
-# Per-layer setup seconds per token and per expert chosen (top-k), when not probed: measured on
-# this project's 2-core machine at R1 shape (see solver_scale.md).
-STATIC_S_PER_PAIR = 2.5e-6
-# Probe size; the probe's work is a fixed fraction of a layer's setup (PROBE_FACTOR, measured).
+# The probe's CPU seconds per pair on an idle core of this project's 2-core machine (AMD EPYC) at
+# R1 shape: 2.8-3.1e-7 (benchmarks/results/solver_scale.md); deterministic mode's `u`.
+STATIC_S_PER_PAIR = 3.0e-7
 PROBE_TOKENS = 10_000
-PROBE_FACTOR = 3.0
+# One layer's setup (solve_layer with no search time, CPU seconds) over the probe's per-pair cost,
+# measured at R1 shape on 20k / 50k / 100k-token samples of the 400k trace: 0.33 / 0.53 / 0.92 s
+# with u = 2.9e-7, i.e. 3.2 x u per pair plus 0.19 s = 10 x u x E^2.
+SETUP_PER_PAIR = 3.2
+SETUP_PER_E2 = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class TokenSample:
 
     tokens: np.ndarray | None
     train_tokens: int
-    s_per_pair: float  # per-layer setup seconds per (token, expert) pair the size was chosen with
+    s_per_pair: float  # the probe's seconds per (token, expert) pair `u` the size was chosen with
     probed: bool  # measured on this run (else STATIC_S_PER_PAIR)
 
     @property
@@ -64,15 +70,17 @@ class TokenSample:
             "tokens": self.size,
             "of": self.train_tokens,
             "share": self.size / max(1, self.train_tokens),
-            "setup_s_per_pair": self.s_per_pair,
+            "probe_s_per_pair": self.s_per_pair,
             "cost_source": "probe" if self.probed else "static",
         }
 
 
-def sample_size(train_tokens: int, top_k: int, layer_budget: float, s_per_pair: float, floor: int) -> int:
-    """Tokens whose setup fits SETUP_SHARE of `layer_budget` seconds (at least `floor`, at most
-    all of them)."""
-    fit = int(SETUP_SHARE * layer_budget / max(s_per_pair * top_k, 1e-12))
+def sample_size(train_tokens: int, top_k: int, num_experts: int, layer_budget: float, s_per_pair: float, floor: int) -> int:
+    """Tokens whose setup (the model above, `u` = s_per_pair) fits SETUP_SHARE of `layer_budget`
+    seconds; at least `floor`, at most all of them."""
+    u = max(s_per_pair, 1e-12)
+    spare = SETUP_SHARE * layer_budget - u * SETUP_PER_E2 * num_experts**2
+    fit = int(max(0.0, spare) / (u * SETUP_PER_PAIR * top_k))
     return int(min(train_tokens, max(floor, fit)))
 
 
@@ -86,13 +94,13 @@ def choose_sample(train: Trace, layer_budget: float, num_nodes: int, determinist
     rate, probed = STATIC_S_PER_PAIR, False
     if not deterministic:
         rate, probed = probe_s_per_pair(train, np.sort(order[:PROBE_TOKENS]), num_nodes), True
-    n = sample_size(T, K, layer_budget, rate, floor)
+    n = sample_size(T, K, train.num_experts, layer_budget, rate, floor)
     return TokenSample(None if n >= T else np.sort(order[:n]), T, rate, probed)
 
 
 def probe_s_per_pair(train: Trace, tokens: np.ndarray, num_nodes: int) -> float:
-    """Seconds of per-layer setup per (token, expert) pair on this machine now: the pattern
-    count, co-activation and swap-search counts of layer 0 on `tokens`, x PROBE_FACTOR."""
+    """`u`: seconds per (token, expert) pair of part of a layer's setup on this machine now (the
+    pattern count, co-activation and swap-search counts of layer 0 on `tokens`)."""
     from vllm_moeplace.solver.swap_search import SwapSearch
 
     t0 = time.monotonic()
@@ -102,4 +110,4 @@ def probe_s_per_pair(train: Trace, tokens: np.ndarray, num_nodes: int) -> float:
     inst = LayerInstance(pats, counts.astype(np.float64), train.num_experts)
     assign = np.arange(train.num_experts) % max(1, num_nodes)
     SwapSearch(inst, assign, np.ones(max(1, num_nodes))).move_deltas()
-    return PROBE_FACTOR * (time.monotonic() - t0) / max(1, ids.size)
+    return (time.monotonic() - t0) / max(1, ids.size)
