@@ -13,6 +13,7 @@ tokens. `run` solves each train trace in its own process under /usr/bin/time -v 
 RSS of the whole command: import, trace load, solve, plan write), then scores the plan on the
 held-out trace, and rewrites the "Tokens sweep" section of benchmarks/results/solver_scale.md
 (rows of earlier runs with another label are kept, so the before/after rows sit side by side).
+Each row is also printed as one JSON line; `render --rows FILE` rewrites the table from such lines.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _row_md(r: dict) -> str:
     smp = r["sample"]
     sample = f"{smp['tokens']} ({100 * smp['share']:.0f}%)" if smp else "all"
     return (f"| {r['label']} | {r['tokens']} | {r['time_limit']:g} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {sample} | "
-            f"{r['cpsat_calls']} | {r['train_objective']:.4f} | {100 * r['gap']:.0f}% | {r['held_node_sends']:.4f} | "
+            f"{r['cpsat_calls']} | {r['train_objective']:.4f} | {100 * r['gap']:.0f}% | {r['train_imbalance']:.3f} | {r['held_node_sends']:.4f} | "
             f"{r['held_imbalance']:.3f} | {r['load_start']:.1f} / {r['load_end']:.1f} |")
 
 
@@ -117,8 +118,8 @@ def write(rows: list[dict], command: str) -> None:
         "sample: train tokens the search used (`solver.sample` in the plan; balance is on all of them).",
         "held-out node_sends / imbalance: `metrics.evaluate_layers` of the plan on the held-out trace.",
         "",
-        "| code | train tokens | time limit s | wall s | peak RSS MB | sample | CP-SAT calls | train objective | gap | held-out node_sends | held-out imbalance | load start/end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| code | train tokens | time limit s | wall s | peak RSS MB | sample | CP-SAT calls | train objective | gap | train rank imbalance | held-out node_sends | held-out imbalance | load start/end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *kept, *[_row_md(r) for r in rows], "",
     ]
     RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(lines))
@@ -126,16 +127,22 @@ def write(rows: list[dict], command: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["prepare", "run"])
+    ap.add_argument("mode", choices=["prepare", "run", "render"])
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--tokens", default=",".join(SIZES))
     ap.add_argument("--time-limit", type=float, default=120.0)
     ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose vllm_moeplace is solved with (default this one)")
     ap.add_argument("--label", default="after")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rows", type=Path, help="render: a file of the JSON rows `run` printed (one per line)")
+    ap.add_argument("--command", help="render: the command(s) that produced the rows, for the results file")
     a = ap.parse_args()
     if a.mode == "prepare":
         prepare(a.dir)
+        return 0
+    if a.mode == "render":  # the table again from rows printed by earlier runs
+        rows = [json.loads(l) for l in a.rows.read_text().splitlines() if l.startswith("{")]
+        write(rows, a.command or "python " + " ".join(sys.argv))
         return 0
     names = [t.strip() for t in a.tokens.split(",") if t.strip()]
     bad = [t for t in names if t not in SIZES]
