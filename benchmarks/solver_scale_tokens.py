@@ -55,10 +55,17 @@ def prepare(d: Path) -> None:
 
 def _time_v(text: str) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) from /usr/bin/time -v output."""
+
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text)
     h, m, s = (float(x) if x else 0.0 for x in wall.groups())
     rss = float(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
     return 3600 * h + 60 * m + s, rss
+
+
+def _cpu_share(text: str) -> float | None:
+    """The 'Percent of CPU this job got' of /usr/bin/time -v: below 100% the machine was shared."""
+    m = re.search(r"Percent of CPU this job got: (\d+)%", text)
+    return float(m.group(1)) if m else None
 
 
 def score(plan_path: Path, held_path: Path) -> dict:
@@ -88,9 +95,45 @@ def run(d: Path, names: list[str], time_limit: float, code: Path, label: str) ->
             raise SystemExit(f"{name}: solve failed ({p.returncode})")
         wall, rss = _time_v(p.stderr)
         row = {"label": label, "tokens": name, "time_limit": time_limit, "wall_s": wall, "peak_rss_mb": rss,
-               "load_start": load0, "load_end": os.getloadavg()[0], **score(out, d / "heldout.npz")}
+               "cpu_percent": _cpu_share(p.stderr), "load_start": load0, "load_end": os.getloadavg()[0],
+               **score(out, d / "heldout.npz")}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def sample_effect(d: Path, name: str, sizes: list[int], layers: int, seconds_per_layer: float) -> list[dict]:
+    """Held-out node_sends of the first `layers` layers solved on token samples of each size, in
+    deterministic mode (the same search work per layer whatever the size and the machine load),
+    balance on all train tokens as in a real solve: the effect of the sample alone."""
+    import numpy as np
+
+    from vllm_moeplace.metrics import evaluate_layers
+    from vllm_moeplace.plan import Topology
+    from vllm_moeplace.solver import sample as S
+    from vllm_moeplace.solver.options import SolveOptions
+    from vllm_moeplace.solver.pipeline import solve
+    from vllm_moeplace.trace import Trace, load_trace
+
+    def first(t: Trace) -> Trace:
+        return Trace(topk_ids=np.ascontiguousarray(t.topk_ids[:, :layers]), layer_ids=t.layer_ids[:layers],
+                     request_ids=t.request_ids, is_prefill=t.is_prefill, num_experts=t.num_experts, labels=t.labels)
+
+    train, held = first(load_trace(d / f"train_{name}.npz")), first(load_trace(d / "heldout.npz"))
+    topo = Topology.uniform(EP, EP // PER_NODE)
+    rows = []
+    real = S.sample_size
+    try:
+        for n in sizes:
+            S.DET_MIN_TOKENS = 0
+            S.sample_size = lambda *a, n=n: min(n, train.num_tokens)  # noqa: E731
+            plan = solve(train, topo, SolveOptions(time_limit=seconds_per_layer * layers, deterministic=True, seed=0))
+            m = evaluate_layers(plan.layers, topo, held)
+            rows.append({"train": name, "sample": n, "layers": layers, "held_node_sends": m.node_sends,
+                         "held_imbalance": m.imbalance, "train_objective": plan.solver["objective"]})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        S.sample_size = real
     return rows
 
 
@@ -99,7 +142,7 @@ def _row_md(r: dict) -> str:
     sample = f"{smp['tokens']} ({100 * smp['share']:.0f}%)" if smp else "all"
     return (f"| {r['label']} | {r['tokens']} | {r['time_limit']:g} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {sample} | "
             f"{r['cpsat_calls']} | {r['train_objective']:.4f} | {100 * r['gap']:.0f}% | {r['train_imbalance']:.3f} | {r['held_node_sends']:.4f} | "
-            f"{r['held_imbalance']:.3f} | {r['load_start']:.1f} / {r['load_end']:.1f} |")
+            f"{r['held_imbalance']:.3f} | {r.get('cpu_percent') or '?'} | {r['load_start']:.1f} / {r['load_end']:.1f} |")
 
 
 def write(rows: list[dict], command: str) -> None:
@@ -117,9 +160,11 @@ def write(rows: list[dict], command: str) -> None:
         "`/usr/bin/time -v`: wall and peak RSS are the whole command (imports, trace load, solve, plan write).",
         "sample: train tokens the search used (`solver.sample` in the plan; balance is on all of them).",
         "held-out node_sends / imbalance: `metrics.evaluate_layers` of the plan on the held-out trace.",
+        "CPU %: /usr/bin/time's share of one core the command got (100% x wall = CPU seconds; well below",
+        "100% means other jobs held the 2 cores, and wall time then measures the machine, not the solver).",
         "",
-        "| code | train tokens | time limit s | wall s | peak RSS MB | sample | CP-SAT calls | train objective | gap | train rank imbalance | held-out node_sends | held-out imbalance | load start/end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| code | train tokens | time limit s | wall s | peak RSS MB | sample | CP-SAT calls | train objective | gap | train rank imbalance | held-out node_sends | held-out imbalance | CPU % | load start/end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *kept, *[_row_md(r) for r in rows], "",
     ]
     RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(lines))
@@ -127,7 +172,7 @@ def write(rows: list[dict], command: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["prepare", "run", "render"])
+    ap.add_argument("mode", choices=["prepare", "run", "render", "sample-effect"])
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--tokens", default=",".join(SIZES))
     ap.add_argument("--time-limit", type=float, default=120.0)
@@ -139,6 +184,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.mode == "prepare":
         prepare(a.dir)
+        return 0
+    if a.mode == "sample-effect":  # printed only; the results file quotes it
+        sample_effect(a.dir, a.tokens, [20_000, 50_000, 100_000, 200_000], layers=6, seconds_per_layer=2.0)
         return 0
     if a.mode == "render":  # the table again from rows printed by earlier runs
         rows = [json.loads(l) for l in a.rows.read_text().splitlines() if l.startswith("{")]
