@@ -165,7 +165,12 @@ def routing_summary(trace: Trace, min_expected: float = 20.0) -> dict[str, float
     }
 
 
-def load_risk(trace: Trace, l: int) -> np.ndarray:
+def request_index(trace: Trace) -> np.ndarray:
+    """int [T]: each token's request as 0..m-1 (request ids in ascending order), for `load_risk`."""
+    return np.unique(trace.request_ids, return_inverse=True)[1]
+
+
+def load_risk(trace: Trace, l: int, req: np.ndarray | None = None) -> np.ndarray:
     """float [E, E]: covariance of held-out minus train expert loads, in train (token, expert) pairs.
 
     A unit holding experts S has train load T_S = sum_r c_r[S] over requests r. A held-out sample
@@ -178,7 +183,7 @@ def load_risk(trace: Trace, l: int) -> np.ndarray:
     """
     _check_layer(trace, l)
     E = trace.num_experts
-    _, req = np.unique(trace.request_ids, return_inverse=True)
+    req = request_index(trace) if req is None else req  # (callers looping over layers pass it once)
     m = int(req.max()) + 1 if req.size else 0
     ids = trace.topk_ids[:, l, :].astype(np.int64)
     c = np.bincount((req[:, None] * E + ids).ravel(), minlength=m * E).reshape(m, E).astype(np.float64)
@@ -206,8 +211,9 @@ def risk_calibration(trace: Trace, unit_size: int, units: int = 200, seed: int =
     rng = np.random.default_rng(seed)
     la, lb = expert_load(a).astype(np.float64), expert_load(b).astype(np.float64)
     zs = []
+    req_a = request_index(a)
     for l in range(trace.num_layers):
-        q = load_risk(a, l)
+        q = load_risk(a, l, req_a)
         d = lb[l] / max(1.0, lb[l].sum()) * la[l].sum() - la[l]
         w = np.zeros((units, E))
         w[np.arange(units)[:, None], np.argsort(rng.random((units, E)), axis=1)[:, :unit_size]] = 1.0

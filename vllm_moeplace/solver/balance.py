@@ -19,6 +19,7 @@ from typing import ClassVar, get_args
 
 import numpy as np
 
+from vllm_moeplace import trace_stats
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.solver import allocate
 from vllm_moeplace.solver import budget as B
@@ -58,6 +59,7 @@ class SolveRun:
     rng: np.random.Generator
     search: Trace | None = None
     sampled: bool = False
+    _req: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.search is None:
@@ -74,7 +76,11 @@ class SolveRun:
         """Layer l's load-risk covariance, when anything will use it."""
         o = self.options
         need = not o.redundant_per_rank or o.balance_risk > 0 or o.copy_placement == "locality"
-        return layer_q(self.train, l, o) if need else None
+        if not need:
+            return None
+        if self._req is None:  # one sort of the request ids per solve, not one per layer
+            self._req = trace_stats.request_index(self.train)
+        return layer_q(self.train, l, o, self._req)
 
 
 class BalanceStrategy:
