@@ -148,7 +148,7 @@ def _row_md(r: dict) -> str:
 def write(rows: list[dict], command: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Solver scale\n"
     head, _, rest = text.partition(SECTION)
-    old_rows = [l for l in rest.splitlines() if l.startswith("| ") and not l.startswith("| label") and not l.startswith("|---")]
+    old_rows = [l for l in rest.splitlines() if l.startswith("| ") and not l.startswith("| code |")]
     new_labels = {r["label"] for r in rows}
     kept = [l for l in old_rows if l.split("|")[1].strip() not in new_labels]
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
