@@ -1,8 +1,11 @@
 """How `--time-limit` is spent: the named constants of the budget arithmetic, in one place.
 
-The solve is a loop over layers; each layer gets an equal share of what is left (deterministic
-mode: an equal share of the whole, so the work does not depend on the clock). Inside a layer the
-share is split between the search, the lower bound and (with locality-placed copies) the copies.
+The limit covers the whole solve: its clock (`Budget.t0`) starts before the trace is read when the
+command line runs it. The solve is a loop over layers; each layer gets an equal share of what is
+left (deterministic mode: an equal share of the whole, so the work does not depend on the clock).
+A layer pays its own setup out of its share; the rest is split between the search, the lower
+bound and (with locality-placed copies) the copies. How many tokens the setup may cover is
+`sample`'s decision.
 """
 
 from __future__ import annotations
