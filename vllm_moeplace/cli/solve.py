@@ -7,6 +7,7 @@ that needs per-token routing is refused for it with one message naming the optio
 from __future__ import annotations
 
 import argparse
+import time
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_moeplace.load_trace import is_load_trace
     from vllm_moeplace.solver.pipeline import solve
 
+    started = time.monotonic()  # --time-limit counts from here: loading the trace is part of the solve
     load_only = is_load_trace(args.trace)
     if load_only or args.objective == "balance":
         if args.request_groups is not None:
@@ -222,13 +224,16 @@ def run(args: argparse.Namespace) -> int:
     meta_name = trace.meta.get("model") if isinstance(trace.meta, dict) else None
     groups = _request_groups(args, topology)
     plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace,
-                 request_groups=groups)
+                 request_groups=groups, started=started)
     plan.save(args.out)
     s = plan.solver
     print(
         f"{s['status']}  objective {s['objective_name']} {s['objective']:.4f} (train)  bound {s['best_bound']:.4f}  "
         f"gap {100 * s['gap']:.1f}%  time {s['time_s']:.1f}s  cp-sat {s['cpsat_improvements']}/{s['cpsat_calls']} improving"
     )
+    if "sample" in s:
+        x = s["sample"]
+        print(f"searched a sample of {x['tokens']} of {x['of']} train tokens (the budget's share; balance on all of them)")
     if "warning" in s:
         print(f"warning: {s['warning']}")
     if opts.train_fraction < 1.0:
