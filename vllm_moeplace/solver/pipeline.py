@@ -15,6 +15,9 @@ Step 3  redundant copies, if asked: for locality under the replica rule (`replic
         earlier balance-only placement (`redundancy`).
 Bound   the objective's lower bound per layer (`bounds` for node_sends); the gap in the plan is
         (objective - bound) / objective over all layers.
+Guard   the plan's predicted MoE step time against vLLM's linear layout and EPLB (`guard`): a
+        plan predicted slower than linear for the phase mix is replaced by the faster baseline
+        unless `keep_plan`; the predictions go into the plan's `solver.step_time`.
 
 Layers are independent unless the inter-layer term is on; then they are solved in order, layer
 l+1 seeing layer l fixed. `--time-limit` is shared out by `budget`.
@@ -30,6 +33,7 @@ import numpy as np
 from vllm_moeplace import trace_stats
 from vllm_moeplace.plan import Plan, Topology, validate_plan
 from vllm_moeplace.solver.balance import BALANCE_STRATEGIES, SolveRun
+from vllm_moeplace.solver import guard
 from vllm_moeplace.solver.budget import Budget
 from vllm_moeplace.solver.layer import LayerResult, SolveError
 from vllm_moeplace.solver.objectives import get_objective
@@ -57,7 +61,9 @@ def solve(
     if options.risk_scale is None and not options.redundant_per_rank:
         # Resolved once, and recorded in the plan's options so a re-run reproduces it.
         options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(train, E // R, seed=options.seed)})
-    objective = get_objective(options.objective)
+    # The step model is resolved before any search, so a bad --hardware / --model-shape fails first.
+    step = guard.resolve(train, topology, options, required=options.objective == "step_time")
+    objective = get_objective(options.objective, train=train, topology=topology, options=options, step_model=step.model)
     run = SolveRun(train, topology, options, objective, Budget(t0, options.time_limit, options.deterministic),
                    np.random.default_rng(options.seed))
 
@@ -69,14 +75,22 @@ def solve(
                          time.monotonic() - t0)
     if report.overflow:
         warnings.warn(OVERFLOW_WARNING, stacklevel=2)
+    layers = {int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)}
+
+    # ---- guard: never slower than the default (predicted) -------------------------------------
+    checked = guard.check(layers, trace, train, topology, options, step)
+    if checked.warning:
+        warnings.warn(checked.warning, stacklevel=2)
+    solver = report.to_json()
+    solver["step_time"] = checked.record
     plan = Plan(
         model_name=model_name,
         num_experts=E,
         moe_layers=[int(x) for x in trace.layer_ids],
         ep_size=R,
         topology=topology,
-        layers={int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)},
-        solver=report.to_json(),
+        layers=checked.layers,
+        solver=solver,
     )
     validate_plan(plan)
     return plan

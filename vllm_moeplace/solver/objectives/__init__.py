@@ -4,7 +4,7 @@ below and in the Literal, its tests, and its paragraph in docs/solver.md."""
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Any, get_args
 
 from vllm_moeplace.solver.objectives.base import BoundInputs, NodeTerms, Objective
 from vllm_moeplace.solver.objectives.hop_cost import HopCost
@@ -20,8 +20,10 @@ if set(OBJECTIVES) != set(get_args(ObjectiveName)):
     raise ImportError(f"objective registry {sorted(OBJECTIVES)} != SolveOptions.objective {sorted(get_args(ObjectiveName))}")
 
 
-def get_objective(name: str) -> Objective:
-    return OBJECTIVES[name]()
+def get_objective(name: str, **context: Any) -> Objective:
+    """The objective `name`, built from the solve's context (`Objective.create`: train trace,
+    topology, options, step model); objectives that need none ignore it."""
+    return OBJECTIVES[name].create(**context)
 
 
 __all__ = ["OBJECTIVES", "BoundInputs", "NodeTerms", "Objective", "get_objective"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -57,6 +57,12 @@ class Objective(ABC):
     name: ClassVar[str]
     # The `Metrics` field (vllm_moeplace.metrics) this objective is scored by.
     metric: ClassVar[str]
+
+    @classmethod
+    def create(cls, **context: Any) -> "Objective":
+        """Build the objective for one solve. context: train (Trace), topology, options
+        (SolveOptions), step_model (sim.predict.StepModel or None). Default: needs none of it."""
+        return cls()
 
     @abstractmethod
     def node_terms(self, topology: Topology, load: np.ndarray) -> NodeTerms:
