@@ -23,9 +23,10 @@ from vllm_moeplace.trace import load_trace
 # Flags whose command-line form differs from the plain field (type, default, docstring).
 _FLAG_EXTRAS: dict[str, dict[str, Any]] = {
     # `balance` is served by load_balance.py (load-only traces), not by the per-token search.
-    "objective": {"choices": ["node_sends", "rank_sends", "hop_cost", "balance"],
+    "objective": {"choices": ["node_sends", "rank_sends", "hop_cost", "step_time", "balance"],
+                  "type": lambda v: v.replace("-", "_"),
                   "help_suffix": " balance: place by expert load only (the default, and the only choice, for a "
-                                 "load-only trace)."},
+                                 "load-only trace). step-time is accepted for step_time."},
     # Without N: read n_group from --model DIR/config.json.
     "preserve_groups": {"nargs": "?", "const": -1, "metavar": "N",
                         "help_suffix": " Without N, n_group is read from --model DIR/config.json."},

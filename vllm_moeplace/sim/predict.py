@@ -30,6 +30,7 @@ import numpy as np
 from vllm_moeplace.jsonio import read_json
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.sim.network import BatchSpec, Hardware, ModelShape, SimParams, SimParamsError, _pydantic_message, load_params
+from vllm_moeplace.sim.model import layer_time, layer_traffic
 from vllm_moeplace.sim.run import Batch, sample_batches, simulate
 from vllm_moeplace.trace import Trace
 
@@ -179,5 +180,22 @@ def predict(
     out = {}
     for ph in PHASES:
         out[ph] = simulate(layers, topology, trace, model.hardware, model.shape, batches[ph]).total * 1e3
+    out["mix"] = model.phase_mix * out["prefill"] + (1.0 - model.phase_mix) * out["decode"]
+    return out
+
+
+def layer_seconds(
+    placement: np.ndarray, topology: Topology, trace: Trace, li: int, model: StepModel, batches: dict[str, list[Batch]]
+) -> dict[str, float]:
+    """Seconds of one MoE layer (trace layer index li) per phase, mean over the batches, and the mix."""
+    out = {}
+    E = trace.num_experts
+    for ph in PHASES:
+        tot = 0.0
+        for b in batches[ph]:
+            t = layer_traffic(placement, topology, E, trace.topk_ids[b.tokens, li, :], b.origins, model.hardware.node_aggregation,
+                              spread=b.tokens)
+            tot += layer_time(t, model.hardware, model.shape).total
+        out[ph] = tot / len(batches[ph])
     out["mix"] = model.phase_mix * out["prefill"] + (1.0 - model.phase_mix) * out["decode"]
     return out

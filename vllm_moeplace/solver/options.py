@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Registered implementations: solver/objectives (OBJECTIVES), solver/balance (BALANCE_STRATEGIES);
 # each registry checks at import that it matches its Literal.
-ObjectiveName = Literal["node_sends", "rank_sends", "hop_cost"]
+ObjectiveName = Literal["node_sends", "rank_sends", "hop_cost", "step_time"]
 BalanceTarget = Literal["train", "expected"]
 
 

@@ -83,6 +83,9 @@ def solve(
         warnings.warn(checked.warning, stacklevel=2)
     solver = report.to_json()
     solver["step_time"] = checked.record
+    extra = objective.report()
+    if extra is not None:
+        solver["objective_report"] = extra
     plan = Plan(
         model_name=model_name,
         num_experts=E,

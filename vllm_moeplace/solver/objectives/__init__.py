@@ -10,9 +10,10 @@ from vllm_moeplace.solver.objectives.base import BoundInputs, NodeTerms, Objecti
 from vllm_moeplace.solver.objectives.hop_cost import HopCost
 from vllm_moeplace.solver.objectives.node_sends import NodeSends
 from vllm_moeplace.solver.objectives.rank_sends import RankSends
+from vllm_moeplace.solver.objectives.step_time import StepTime
 from vllm_moeplace.solver.options import ObjectiveName
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (NodeSends, RankSends, HopCost)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (NodeSends, RankSends, HopCost, StepTime)}
 
 # The registry and the options' Literal are one list: a name in one and not the other is a bug
 # caught at import, not at the first solve that asks for it.
