@@ -158,12 +158,17 @@ def step_model(
     return StepModel(hw_name, hw, shape_name, shape, tpr, mix, src)
 
 
-def phase_batches(trace: Trace, model: StepModel, ep_size: int, seed: int = 0) -> dict[str, list[Batch]]:
-    """Seeded batches per phase (phase tokens when the trace has them, else any token)."""
+def phase_batches(trace: Trace, model: StepModel, ep_size: int, seed: int = 0, steps: dict[str, int] | None = None) -> dict[str, list[Batch]]:
+    """Seeded batches per phase (phase tokens when the trace has them, else any token); `steps`
+    batches per phase (default STEPS; 0 = none, for a phase the mix does not weigh)."""
     out = {}
+    steps = STEPS if steps is None else steps
     for ph in PHASES:
+        if steps[ph] == 0:
+            out[ph] = []
+            continue
         has = bool(np.any(trace.is_prefill == (ph == "prefill")))
-        spec = BatchSpec(tokens_per_rank=model.tokens_per_rank[ph], phase=ph if has else "any", steps=STEPS[ph], seed=seed)
+        spec = BatchSpec(tokens_per_rank=model.tokens_per_rank[ph], phase=ph if has else "any", steps=steps[ph], seed=seed)
         out[ph] = sample_batches(trace, spec, ep_size)
     return out
 
@@ -192,6 +197,9 @@ def layer_seconds(
     E = trace.num_experts
     for ph in PHASES:
         tot = 0.0
+        if not batches[ph]:  # a phase the mix does not weigh
+            out[ph] = 0.0
+            continue
         for b in batches[ph]:
             t = layer_traffic(placement, topology, E, trace.topk_ids[b.tokens, li, :], b.origins, model.hardware.node_aggregation,
                               spread=b.tokens)

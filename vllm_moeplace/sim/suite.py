@@ -100,14 +100,14 @@ def cpsat_layers(train: Trace, topo: Topology, seconds: float, default: float = 
     hottest = load.max(axis=1) / (load.sum(axis=1) / topo.ep_size)  # [L]
     # deterministic: the same plan whatever the machine load.
     if (hottest * 1.02 <= default).all():
-        return solve(train, topo, SolveOptions(time_limit=seconds, deterministic=True, max_imbalance=default)).layers
+        return solve(train, topo, SolveOptions(time_limit=seconds, deterministic=True, max_imbalance=default, keep_plan=True)).layers
     out = {}
     for li, lid in enumerate(train.layer_ids.tolist()):
         one = Trace(topk_ids=train.topk_ids[:, li : li + 1, :], layer_ids=train.layer_ids[li : li + 1],
                     request_ids=train.request_ids, is_prefill=train.is_prefill, num_experts=train.num_experts,
                     meta=train.meta)
         cap = float(max(default, round(hottest[li] * 1.02, 3)))
-        opts = SolveOptions(time_limit=seconds / train.num_layers, deterministic=True, max_imbalance=cap)
+        opts = SolveOptions(time_limit=seconds / train.num_layers, deterministic=True, max_imbalance=cap, keep_plan=True)
         out[lid] = solve(one, topo, opts).layers[lid]
     return out
 

@@ -12,8 +12,8 @@ Per layer the objective gives the search three things:
 3. `refine`: after Steps 1-2, the surrogate's swap descent over all ranks (`step_search`), from
    the search's layout and from vLLM's linear layout; the four layouts (each start, before and
    after its descent) are re-scored exactly by the simulator on batches drawn from the train
-   requests and the fastest for the phase mix is kept (linear unless another is faster by
-   `MARGIN`).
+   requests; among those within `MARGIN` of the fastest for the phase mix, the one with the lowest
+   surrogate is kept (linear on ties: the sample cannot tell equally fast layouts apart).
 
 The reported objective and bound stay node_sends of the node partition (the communication term);
 the predicted step times are in the plan's `solver.step_time` (`guard`).
@@ -37,9 +37,13 @@ from vllm_moeplace.solver.swap_search import SwapSearch
 from vllm_moeplace.trace import Trace
 from vllm_moeplace.trace_stats import expert_load
 
-# A layout other than linear is kept only if its simulated train time beats linear's by this share
-# (the re-scoring batches are a sample; ties go to vLLM's default).
-MARGIN = 0.002
+# Re-scoring batches are a sample: candidates whose simulated train time is within this share of
+# the fastest are taken as equally fast, and among them the surrogate (an expectation, free of
+# sampling noise) decides, ties going to vLLM's linear layout.
+MARGIN = 0.005
+# Batches per phase for the per-layer re-scoring (the simulator's cost is linear in them; a prefill
+# batch at EP32 is 131k tokens).
+RESCORE_STEPS = {"prefill": 1, "decode": 2}
 # Cap loosening: 2% above the hottest expert's share of a rank's mean balance load.
 HOT_SLACK = 1.02
 # Descent rounds per expert (an upper bound; a descent stops when no swap lowers the surrogate).
@@ -61,7 +65,10 @@ class StepTime(Objective):
         self.topology = topology
         R = topology.ep_size
         self.train = train
-        self.batches = phase_batches(train, model, R, seed=seed)
+        # Re-scoring batches: fewer than the guard's (RESCORE_STEPS), none for a phase of weight 0.
+        steps = {ph: n if (model.phase_mix if ph == "prefill" else 1.0 - model.phase_mix) > 0 else 0
+                 for ph, n in RESCORE_STEPS.items()}
+        self.batches = phase_batches(train, model, R, seed=seed, steps=steps)
         hw, shape = model.hardware, model.shape
         self.flop_per_pair_s = shape.flops_per_pair / (hw.gpu_tflops * 1e12)
         self.weight_read_s = shape.expert_weight_bytes / (hw.hbm_bandwidth_tbs * 1e12) if hw.hbm_bandwidth_tbs > 0 else 0.0
@@ -114,8 +121,8 @@ class StepTime(Objective):
         kept = list(self.choices.values())
         return {
             "candidates": "search / linear layout, each before and after the surrogate's swap descent; re-scored by the "
-                          "simulator on train batches, fastest for the phase mix kept (linear unless faster by "
-                          f"{MARGIN:.1%})",
+                          f"simulator on train batches; among those within {MARGIN:.1%} of the fastest for the phase mix, "
+                          "the lowest surrogate is kept (linear on ties)",
             "kept_per_layer": {str(k): v for k, v in self.choices.items()},
             "kept_counts": {n: kept.count(n) for n in sorted(set(kept))},
         }
@@ -127,21 +134,33 @@ class StepTime(Objective):
         E = inst.num_experts
         deadline = time.monotonic() + seconds
         phases = self.phases(l)
-        cands = {"search": layout, "linear": linear_layout(E, R)}
-        for name in ("search", "linear"):
-            if not deterministic and time.monotonic() > deadline:
-                break
+        cands = {"linear": linear_layout(E, R), "search": layout}
+        surrogate: dict[str, float] = {}
+        for name in ("linear", "search"):
             rank_of = rank_of_layout(cands[name], E)
             ns = SwapSearch(inst, topo.node_of_rank[rank_of], node_sends_weights(topo))
             d = StepDescent(phases, rank_of, topo.node_of_rank, ns, norm=R * inst.total)
-            d.descend(ROUNDS_PER_EXPERT * E)
+            surrogate[name] = d.value()
+            if not deterministic and time.monotonic() > deadline:
+                continue
+            surrogate[name + "+descent"] = d.descend(ROUNDS_PER_EXPERT * E)
             cands[name + "+descent"] = layout_of(d.rank_of, R, S)
-        times = {n: layer_seconds(a, topo, self.train, l, self.model, self.batches)["mix"] for n, a in cands.items()}
-        best = min(times, key=lambda n: times[n])
-        if times[best] > times["linear"] * (1.0 - MARGIN):
-            best = "linear"
+        times: dict[str, float] = {}
+        for n, a in cands.items():
+            same = next((m for m in times if np.array_equal(cands[m], a)), None)  # a descent that moved nothing
+            times[n] = times[same] if same else layer_seconds(a, topo, self.train, l, self.model, self.batches)["mix"]
+        best = pick(times, surrogate)
         self.choices[int(self.train.layer_ids[l])] = best
         return cands[best]
+
+
+def pick(times: dict[str, float], surrogate: dict[str, float]) -> str:
+    """The candidate kept: among those within MARGIN of the fastest simulated time, the lowest
+    surrogate, linear first on ties (dict order: linear is the first candidate)."""
+    fastest = min(times.values())
+    near = [n for n in times if times[n] <= fastest * (1.0 + MARGIN)]
+    low = min(surrogate[n] for n in near)
+    return next(n for n in near if surrogate[n] <= low * (1.0 + 1e-9))
 
 
 def rank_of_layout(layout: np.ndarray, num_experts: int) -> np.ndarray:
