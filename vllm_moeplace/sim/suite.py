@@ -28,7 +28,7 @@ import numpy as np
 
 from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.sim.network import SimParams, load_params
+from vllm_moeplace.sim.network import Hardware, ModelShape, SimParams, load_params
 from vllm_moeplace.sim.report import Row, all_tables, plot_breakdown, plot_time_vs_ep, ratio, summary_table
 from vllm_moeplace.sim.run import sample_batches, simulate
 from vllm_moeplace.trace import Trace, load_trace
@@ -41,7 +41,7 @@ SCRIPT = "benchmarks/simulate.py"
 SHARED = Path(os.environ.get("MOEPLACE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DSV2 = SHARED / "traces" / "dsv2lite_puffin_a.npz"
 LLAMA4_RAW = SHARED / "raw" / "orders-in-chaos-llama4-mmlu-abstract_algebra"
-LAYOUTS = ("linear", "round_robin", "eplb", "greedy", "cpsat")
+LAYOUTS = ("linear", "round_robin", "eplb", "greedy", "cpsat", "step_time")
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,15 @@ def load_named_trace(key: str) -> Trace:
     raise ValueError(f"unknown trace key {key!r}")
 
 
-def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float) -> dict[int, np.ndarray]:
-    """Per-layer placement of layout `name`, fitted on `train`."""
+def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float, step: tuple[ModelShape, Hardware] | None = None) -> dict[int, np.ndarray]:
+    """Per-layer placement of layout `name`, fitted on `train` (`step`: the model shape and hardware
+    the step_time layout is solved for)."""
     if name == "cpsat":
         return cpsat_layers(train, topo, cpsat_seconds)  # `train` is already the training half
+    if name == "step_time":
+        if step is None:
+            raise ValueError("the step_time layout needs the model shape and hardware")
+        return step_time_layers(train, topo, cpsat_seconds, *step)
     from vllm_moeplace.solver.baselines import baseline_layers
 
     return baseline_layers(name, train, topo)
@@ -112,6 +117,23 @@ def cpsat_layers(train: Trace, topo: Topology, seconds: float, default: float = 
     return out
 
 
+def step_time_layers(train: Trace, topo: Topology, seconds: float, shape: ModelShape, hw: Hardware) -> dict[int, np.ndarray]:
+    """`solve --objective step_time --phase-mix 0.5` on the train half, as written (the guard,
+    on the train requests here, may write linear or EPLB instead), for this shape and hardware
+    (handed to the solver as JSON files, the form `--model-shape` / `--hardware` take)."""
+    import tempfile
+
+    from vllm_moeplace.solver.options import SolveOptions
+    from vllm_moeplace.solver.pipeline import solve
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "shape.json").write_text(shape.model_dump_json())
+        (Path(d) / "hw.json").write_text(hw.model_dump_json())
+        opts = SolveOptions(objective="step_time", phase_mix=0.5, time_limit=seconds, deterministic=True,
+                            model_shape=str(Path(d) / "shape.json"), hardware=str(Path(d) / "hw.json"))
+        return solve(train, topo, opts).layers
+
+
 def available_layouts() -> list[str]:
     return list(LAYOUTS)
 
@@ -127,7 +149,7 @@ def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: f
         hws = [hw_name] + ([h for h in params.hardware if h != hw_name] if (ep, nodes) in sc.sensitivity else [])
         for name in available_layouts():
             t0 = time.perf_counter()
-            layers = fit(name, train, topo, cpsat_seconds)
+            layers = fit(name, train, topo, cpsat_seconds, (shape, params.hardware[hw_name]))
             fit_s = time.perf_counter() - t0
             m = evaluate_layers(layers, topo, test)
             new = []
@@ -404,7 +426,9 @@ def render(data: dict, out: Path, stem: str) -> None:
         "",
         "Layouts: `linear` = vLLM's default contiguous blocks; `round_robin` = vLLM's round-robin; `eplb` = DeepSeek EPLB "
         "hierarchical policy without redundant experts; `greedy` = co-activation greedy; `cpsat` = our CP-SAT plan "
-        "(`solve()`, as `moeplace solve`)." + ("" if data["cpsat_available"] else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
+        "(`solve()`, as `moeplace solve`, node_sends objective, the search's plan as found); `step_time` = "
+        "`solve --objective step_time --phase-mix 0.5` (one plan for both batches, as the guard writes it; "
+        "`benchmarks/results/step_time.md` has one plan per phase mix)." + ("" if data["cpsat_available"] else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
         "",
         "## Key results: MoE step time of each layout against vLLM's default (`linear`)",
         "",
