@@ -31,6 +31,7 @@ the exact node_sends delta. Pure numpy.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,10 +146,13 @@ class StepDescent:
             delta += ph.share * (new_max - c.max() + TIE * tie)
         return e, f, delta
 
-    def descend(self, max_rounds: int, checks: int = 64) -> float:
-        """Swap while the surrogate falls (at most max_rounds accepted swaps); returns its value."""
+    def descend(self, max_rounds: int, checks: int = 64, deadline: float = float("inf")) -> float:
+        """Swap while the surrogate falls (at most max_rounds accepted swaps, until `deadline` on
+        time.monotonic()); returns its value."""
         comm = sum(ph.share * ph.comm_per_node_send for ph in self.phases) / self.norm
         for _ in range(max_rounds):
+            if time.monotonic() > deadline:
+                break
             e, f, d = self._candidates()
             order = np.argsort(d, kind="stable")[:checks]
             done = False

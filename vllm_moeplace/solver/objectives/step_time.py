@@ -46,6 +46,9 @@ MARGIN = 0.005
 RESCORE_STEPS = {"prefill": 1, "decode": 2}
 # Cap loosening: 2% above the hottest expert's share of a rank's mean balance load.
 HOT_SLACK = 1.02
+# Share of the refinement time for the two descents (clock mode; deterministic mode bounds them
+# by rounds).
+DESCENT_SHARE = 0.5
 # Descent rounds per expert (an upper bound; a descent stops when no swap lowers the surrogate).
 ROUNDS_PER_EXPERT = 4
 
@@ -132,7 +135,7 @@ class StepTime(Objective):
         topo = self.topology
         R, S = layout.shape
         E = inst.num_experts
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + DESCENT_SHARE * seconds  # the rest: the simulator re-scoring
         phases = self.phases(l)
         cands = {"linear": linear_layout(E, R), "search": layout}
         surrogate: dict[str, float] = {}
@@ -143,7 +146,9 @@ class StepTime(Objective):
             surrogate[name] = d.value()
             if not deterministic and time.monotonic() > deadline:
                 continue
-            surrogate[name + "+descent"] = d.descend(ROUNDS_PER_EXPERT * E)
+            # Half the refinement time per start; the re-scoring after it is not clock-bounded.
+            stop = float("inf") if deterministic else time.monotonic() + (deadline - time.monotonic()) / (2 if name == "linear" else 1)
+            surrogate[name + "+descent"] = d.descend(ROUNDS_PER_EXPERT * E, deadline=stop)
             cands[name + "+descent"] = layout_of(d.rank_of, R, S)
         times: dict[str, float] = {}
         for n, a in cands.items():
