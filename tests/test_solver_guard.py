@@ -148,3 +148,19 @@ def test_evaluate_without_a_model_shape_notes_it(tmp_path, capsys):
                  "--baselines", "linear"]) == 0
     cap = capsys.readouterr()
     assert "step time not predicted" in cap.err and "predicted MoE step time" not in cap.out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--hardware", "no-such"], ["--hardware", "no-such"]),
+    (["--model-shape", "no-such"], ["--model-shape", "no-such"]),
+    (["--phase-mix", "1.5"], ["--phase-mix", "1.5"]),
+    (["--objective", "step-time"], ["--model-shape"]),  # a synthetic trace's model has no known shape
+])
+def test_cli_refuses_bad_step_time_input(tmp_path, capsys, flags, words):
+    save_trace(tmp_path / "t.npz", pair_trace(400))
+    out = tmp_path / "p.json"
+    rc = main(["solve", "--trace", str(tmp_path / "t.npz"), "--ep-size", "8", "--ranks-per-node", "1", "--out", str(out),
+               "--time-limit", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists() and len(err.splitlines()) == 1
+    assert all(w in err for w in words)
