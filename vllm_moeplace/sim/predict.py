@@ -39,6 +39,7 @@ PARAMS_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "sim_params.j
 PHASES = ("prefill", "decode")
 # Batches per phase (the simulator page's prefill / decode batch specs).
 STEPS = {"prefill": 2, "decode": 4}
+BIG_BATCH = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,12 @@ def phase_batches(trace: Trace, model: StepModel, ep_size: int, seed: int = 0, s
     """Seeded batches per phase (phase tokens when the trace has them, else any token); `steps`
     batches per phase (default STEPS; 0 = none, for a phase the mix does not weigh)."""
     out = {}
-    steps = STEPS if steps is None else steps
+    if steps is None:
+        # A prefill batch beyond BIG_BATCH (token, expert) pairs is timed once, not twice: at
+        # DeepSeek-R1 shape (EP64, 4096 tokens per rank, top-8) one batch is 2.1M pairs per layer
+        # (the time that matters); the batches stay common to every layout compared.
+        big = model.tokens_per_rank["prefill"] * ep_size * model.shape.top_k > BIG_BATCH
+        steps = dict(STEPS, prefill=1) if big else STEPS
     for ph in PHASES:
         if steps[ph] == 0:
             out[ph] = []
