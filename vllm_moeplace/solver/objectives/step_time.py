@@ -85,6 +85,7 @@ class StepTime(Objective):
         self.comm = {ph: model.tokens_per_rank[ph] * msg / (hw.rdma_bandwidth_gbs * 1e9) for ph in PHASES}
         self.share = {"prefill": model.phase_mix, "decode": 1.0 - model.phase_mix}
         self.choices: dict[int, str] = {}  # decoder layer -> the candidate kept
+        self.unscored = 0  # layers whose candidates the clock left to the surrogate alone
 
     @classmethod
     def create(cls, **context: Any) -> "StepTime":
@@ -128,6 +129,7 @@ class StepTime(Objective):
                           "the lowest surrogate is kept (linear on ties)",
             "kept_per_layer": {str(k): v for k, v in self.choices.items()},
             "kept_counts": {n: kept.count(n) for n in sorted(set(kept))},
+            "layers_decided_by_surrogate_alone": self.unscored,
         }
 
     # ---- after Steps 1-2 ------------------------------------------------------------------------
@@ -135,6 +137,7 @@ class StepTime(Objective):
         topo = self.topology
         R, S = layout.shape
         E = inst.num_experts
+        end = time.monotonic() + seconds
         deadline = time.monotonic() + DESCENT_SHARE * seconds  # the rest: the simulator re-scoring
         phases = self.phases(l)
         cands = {"linear": linear_layout(E, R), "search": layout}
@@ -153,7 +156,13 @@ class StepTime(Objective):
         times: dict[str, float] = {}
         for n, a in cands.items():
             same = next((m for m in times if np.array_equal(cands[m], a)), None)  # a descent that moved nothing
-            times[n] = times[same] if same else layer_seconds(a, topo, self.train, l, self.model, self.batches)["mix"]
+            if same:
+                times[n] = times[same]
+            elif deterministic or time.monotonic() < end:
+                times[n] = layer_seconds(a, topo, self.train, l, self.model, self.batches)["mix"]
+        if len(times) < len(cands):  # out of time (clock mode): the surrogate alone decides
+            self.unscored += 1
+            times = dict(surrogate)
         best = pick(times, surrogate)
         self.choices[int(self.train.layer_ids[l])] = best
         return cands[best]
