@@ -81,12 +81,15 @@ def run_r1(seconds: float, log) -> dict:
     from vllm_moeplace.solver.synth import SynthConfig, synth_trace
 
     trace = synth_trace(SynthConfig(num_layers=58, num_experts=256, top_k=8, num_tokens=50_000, seed=0))
+    load0 = _load()
+    c0 = time.process_time()
     t0 = time.monotonic()
     plan = solve(trace, Topology.uniform(64, 8), SolveOptions(objective="step_time", phase_mix=0.5, train_fraction=0.5,
                                                              time_limit=seconds, model_shape="deepseek-r1"))
     wall = time.monotonic() - t0
+    cpu = time.process_time() - c0
     st = plan.solver["step_time"]
-    row = {"wall_s": wall, "time_limit": seconds, "solver_time_s": plan.solver["time_s"],
+    row = {"wall_s": wall, "cpu_s": cpu, "load_before": load0, "load_after": _load(), "time_limit": seconds, "solver_time_s": plan.solver["time_s"],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "predicted_ms": st["predicted_ms"],
            "written": st["written"], "kept": plan.solver["objective_report"]["kept_counts"]}
     log(f"R1 shape EP64/8: {wall:.0f} s wall, {json.dumps(st['predicted_ms'])}")
@@ -138,8 +141,10 @@ def render(data: dict) -> str:
         md += ["## DeepSeek-R1 shape (synthetic, 58 x 256, top-8, 50k tokens), EP64 over 8 nodes", "",
                f"`solve(objective=step_time, phase_mix=0.5, train_fraction=0.5, time_limit={r['time_limit']:g}, "
                "model_shape=deepseek-r1)`, clock-bounded (not deterministic):", "",
-               f"- wall {r['wall_s']:.0f} s (solver section `time_s` {r['solver_time_s']:.0f} s; the rest is the guard's "
-               f"simulation of plan, linear and EPLB), peak RSS {r['peak_rss_mb']:.0f} MB;",
+               f"- wall {r['wall_s']:.0f} s, CPU time {r.get('cpu_s', float('nan')):.0f} s (user + system of this process; "
+               f"load average before {r.get('load_before')}, after {r.get('load_after')}); solver section `time_s` "
+               f"{r['solver_time_s']:.0f} s (search + refinement; the rest is the guard's simulation of plan, linear and "
+               f"EPLB); peak RSS {r['peak_rss_mb']:.0f} MB;",
                f"- held-out prediction: plan prefill {t['plan']['prefill']:.1f} / decode {t['plan']['decode']:.2f} ms, "
                f"linear {t['linear']['prefill']:.1f} / {t['linear']['decode']:.2f} ms, EPLB {t['eplb']['prefill']:.1f} / "
                f"{t['eplb']['decode']:.2f} ms; written: {r['written']}; kept: {r['kept']}.", ""]
