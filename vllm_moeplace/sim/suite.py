@@ -149,7 +149,7 @@ def available_layouts() -> list[str]:
     return list(LAYOUTS)
 
 
-def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log) -> list[Row]:
+def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log, layouts: list[str] | None = None) -> list[Row]:
     trace = load_trace(sc.path) if sc.path else load_named_trace(sc.key)
     train, test = trace.split_by_request(0.5)
     shape = params.models[sc.model]
@@ -158,7 +158,7 @@ def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: f
         topo = Topology.uniform(ep, ep // nodes)
         batches = {b: sample_batches(test, params.batches[b], ep) for b in sc.batches}
         hws = [hw_name] + ([h for h in params.hardware if h != hw_name] if (ep, nodes) in sc.sensitivity else [])
-        for name in available_layouts():
+        for name in layouts or available_layouts():
             t0 = time.perf_counter()
             layers = fit(name, train, topo, cpsat_seconds, (shape, params.hardware[hw_name]))
             fit_s = time.perf_counter() - t0
@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topologies", default="8x2,16x4,32x8", help="for --trace: EPxNODES list")
     p.add_argument("--batches", default="prefill,decode", help="for --trace: batch keys in the params file")
     p.add_argument("--render-only", metavar="JSON", help="redraw the markdown and PNGs from a saved results JSON")
+    p.add_argument("--add-layouts", metavar="L1,L2",
+                   help="suite mode: compute only these layouts (e.g. step_time) for the suite's scenarios and merge their rows "
+                        "into the saved simulation.json (same seeded batches, so the other rows stay valid), then redraw")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.render_only:
@@ -380,9 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     t0 = time.perf_counter()
     rows: list[Row] = []
+    added = args.add_layouts.split(",") if args.add_layouts else None
+    if added and (args.trace or not (out / f"{stem}.json").exists()):
+        p.error("--add-layouts merges into the saved suite results: run the full suite first (and without --trace)")
     for sc in scenarios:
-        rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True))
+        rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True), added)
     elapsed = time.perf_counter() - t0
+    if added:
+        return _merge(out, stem, rows, command, cpsat_seconds, elapsed, load_before)
     data = {
         "command": command, "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": load_before, "load_after": _load(), "wall_seconds": round(elapsed, 1),
@@ -392,6 +400,28 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     render(data, out, stem)
     print(f"wrote {out / (stem + '.md')} ({elapsed:.0f} s)")
+    return 0
+
+
+def _merge(out: Path, stem: str, rows: list[Row], command: str, cpsat_seconds: float, elapsed: float, load_before: str) -> int:
+    """Put `rows` into the saved results: each after the last saved row of its scenario (replacing a
+    saved row of the same scenario and layout), and record the run."""
+    f = out / f"{stem}.json"
+    data = json.loads(f.read_text())
+    saved = [r for r in data["rows"]]
+    for r in (x.as_dict() for x in rows):
+        key = lambda x: (x["trace"], x["ep_size"], x["num_nodes"], x["batch"], x["hardware"])  # noqa: E731
+        saved = [x for x in saved if not (key(x) == key(r) and x["layout"] == r["layout"])]
+        at = max((i for i, x in enumerate(saved) if key(x) == key(r)), default=len(saved) - 1)
+        saved.insert(at + 1, r)
+    data["rows"] = saved
+    data.setdefault("added", []).append({
+        "command": command, "layouts": sorted({r.layout for r in rows}), "machine": machine(), "cpsat_seconds": cpsat_seconds,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load_before": load_before, "load_after": _load(),
+        "wall_seconds": round(elapsed, 1)})
+    f.write_text(json.dumps(data, indent=1) + "\n")
+    render(data, out, stem)
+    print(f"merged {len(rows)} rows into {f} and redrew {stem}.md ({elapsed:.0f} s)")
     return 0
 
 
@@ -423,6 +453,10 @@ def render(data: dict, out: Path, stem: str) -> None:
         "wall-clock limit and so may vary slightly with machine load. The raw rows are in "
         f"`{stem}.json`; `python benchmarks/simulate.py --render-only benchmarks/results/{stem}.json` redraws this page"
         + (f" (this page was redrawn so at commit {rc})." if (rc := machine()["commit"]) != mach["commit"] else "."),
+        *[f"Rows of layout(s) {', '.join(f'`{x}`' for x in a['layouts'])} were added by `{a['command']}` (under the same lock) on "
+          f"{a['date']}, commit {a['machine']['commit']}, {a['cpsat_seconds']:g} s per plan; load average before {a['load_before']}, "
+          f"after {a['load_after']}; wall time {a['wall_seconds']:.0f} s (the other rows and the batches are unchanged)."
+          for a in data.get("added", [])],
         "",
         f"Hardware profile `{hw_name}` from `benchmarks/sim_params.json`: NVLink {hw.nvlink_bandwidth_gbs:g} GB/s + "
         f"{hw.nvlink_latency_us:g} µs, RDMA {hw.rdma_bandwidth_gbs:g} GB/s + {hw.rdma_latency_us:g} µs per GPU and direction, "
