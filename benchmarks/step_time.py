@@ -48,7 +48,7 @@ CASES = [  # (trace key, EP, ranks per node)
 OUT = ROOT / "benchmarks" / "results" / "step_time"
 
 
-def run_case(key: str, ep: int, g: int, seconds: float, log) -> list[dict]:
+def run_case(key: str, ep: int, g: int, seconds: float, log, mixes: tuple[float, ...] = MIXES) -> list[dict]:
     trace = load_named_trace(key)
     train, test = trace.split_by_request(0.5)
     topo = Topology.uniform(ep, g)
@@ -67,13 +67,15 @@ def run_case(key: str, ep: int, g: int, seconds: float, log) -> list[dict]:
         add(name, baseline_layers(name, train, topo), 0.0)
     t0 = time.monotonic()
     add("node_sends", cpsat_layers(train, topo, seconds), time.monotonic() - t0)
-    for mix in MIXES:
+    for mix in mixes:
         t0 = time.monotonic()
         plan = solve(trace, topo, SolveOptions(objective="step_time", phase_mix=mix, train_fraction=0.5, time_limit=seconds,
                                                deterministic=True))
         st = plan.solver["step_time"]
         add(f"step_time mix {mix:g}", plan.layers, time.monotonic() - t0,
             {"mix": mix, "written": st["written"], "kept": plan.solver["objective_report"]["kept_counts"]})
+    for r in rows:
+        r["seconds"] = seconds
     return rows
 
 
@@ -112,7 +114,7 @@ def render(data: dict) -> str:
         f"Hardware `{HW}` (`benchmarks/sim_params.json`), prefill 4096 and decode 128 tokens per rank, time model of "
         "`docs/simulator.md`. Every layout is fitted on the first half of the requests and simulated on the held-out half "
         "(same batches for every layout). `node_sends` = today's default-objective plan as the simulator page builds it; "
-        f"every solve is `--deterministic` with {data['seconds']:g} s. `written` = what the guard wrote (`plan` unless the plan "
+        f"every solve is `--deterministic` with the budget in its section's title (the same for `node_sends` and `step_time`). `written` = what the guard wrote (`plan` unless the plan "
         "was predicted slower than linear for its mix); `kept` = per-layer candidates the step_time objective kept after "
         "re-scoring (search / linear layout, `+descent` = after the surrogate's swap descent).",
         "",
@@ -124,7 +126,7 @@ def render(data: dict) -> str:
             cur = scen
             lin = next(x for x in data["rows"] if (x["trace"], x["ep"], x["nodes"]) == scen and x["layout"] == "linear")
             ns = next(x for x in data["rows"] if (x["trace"], x["ep"], x["nodes"]) == scen and x["layout"] == "node_sends")
-            md += [f"## {r['trace']}, EP{r['ep']} over {r['nodes']} nodes", "",
+            md += [f"## {r['trace']}, EP{r['ep']} over {r['nodes']} nodes ({r.get('seconds', data['seconds']):g} s per solve)", "",
                    "| layout | prefill ms | vs linear | vs node_sends | decode ms | vs linear | vs node_sends | held-out node_sends | imbalance | fit s | written | kept |",
                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         md.append(
@@ -157,6 +159,7 @@ def main() -> int:
     p.add_argument("--r1-seconds", type=float, default=150.0, help="time limit of the R1-shape solve (default 150)")
     p.add_argument("--only", choices=["cases", "r1"], help="run only the trace cases or only the R1 row")
     p.add_argument("--case", type=int, action="append", help="indices into CASES (default all)")
+    p.add_argument("--mixes", default=",".join(f"{m:g}" for m in MIXES), help="phase mixes to solve step_time plans for (default 0,0.5,1)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/step_time.py", *sys.argv[1:]])
@@ -168,9 +171,11 @@ def main() -> int:
     if args.only != "r1":
         picked = [CASES[i] for i in (args.case or range(len(CASES)))]
         keep = [r for r in data["rows"] if (r["trace"], r["ep"], r["ep"] // r["nodes"]) not in picked]
+        for r in data["rows"]:
+            r.setdefault("seconds", prev.get("seconds", args.seconds))
         new = []
         for key, ep, g in picked:
-            new += run_case(key, ep, g, args.seconds, log)
+            new += run_case(key, ep, g, args.seconds, log, tuple(float(m) for m in args.mixes.split(",")))
         order = {c: i for i, c in enumerate(CASES)}
         data["rows"] = sorted(keep + new, key=lambda r: order[(r["trace"], r["ep"], r["ep"] // r["nodes"])])
     if args.only != "cases":
