@@ -2,7 +2,7 @@
 MoE step time per phase on the held-out half of the shared traces (issue 13's acceptance), and the
 solve time at DeepSeek-R1 shape.
 
-    flock /tmp/moeplace-heavy.lock python benchmarks/step_time.py            # everything
+    flock /tmp/moeplace-heavy.lock python benchmarks/step_time.py            # everything (about 1 h on a busy box)
     flock /tmp/moeplace-heavy.lock python benchmarks/step_time.py --only r1  # the scale row alone
 
 Every layout is fitted on the first half of the requests (`--train-fraction 0.5`) and simulated on
@@ -106,8 +106,10 @@ def render(data: dict) -> str:
     md = [
         "# Step-time objective (issue 13): predicted MoE step time per phase, held-out requests",
         "",
-        f"Produced by {' then '.join(f'`{c}`' for c in data['commands'])} (each under `flock /tmp/moeplace-heavy.lock`; "
-        f"a later run replaces the rows it re-runs), last on {data['date']}, commit {data['machine']['commit']}. Machine: "
+        f"Produced by {' then '.join(f'`{c}`' for c in data['commands'])} (a later run replaces the rows it re-runs; the "
+        "box was shared with other sessions' jobs throughout, some runs under `flock /tmp/moeplace-heavy.lock`, some beside "
+        "it: `--deterministic` makes every plan and number here independent of the load, only wall times depend on it), "
+        f"last on {data['date']}, commit {data['machine']['commit']}. Machine: "
         f"{data['machine']['nproc']} CPUs ({data['machine']['cpu']}), Python {data['machine']['python']}; load average before "
         f"{data['load_before']}, after {data['load_after']} (other sessions' jobs share the box); wall {data['wall_s']:.0f} s.",
         "",
@@ -190,3 +192,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def rerender(path: Path = OUT) -> None:
+    """Redraw step_time.md from step_time.json (after merging rows by hand or by a second run)."""
+    data = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".md").write_text(render(data))
