@@ -102,8 +102,11 @@ def solve_layer(
         # its primaries are balanced on their full load and the copies, chosen for locality,
         # keep the cap by themselves (measured better on DeepSeek-V2-Lite EP16/4).
         copies = copy_counts(load, R * opt.redundant_per_rank, R)
-    bal = load if copies is None else load / copies
-    check_balance(load, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
+    bal = objective.balance_load(l, load) if copies is None else load / copies
+    cap_factor = objective.layer_cap(bal, R, opt.max_imbalance)
+    if cap_factor != opt.max_imbalance:
+        opt = opt.model_copy(update={"max_imbalance": cap_factor})
+    check_balance(load if copies is not None else bal, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
 
     # ---- Step 1 inputs: the objective's terms, the cap, the start ------------------------------
     # Cost terms on the scale of the patterns searched (the sample's, if one): `load` may be the
@@ -146,9 +149,10 @@ def solve_layer(
     bound_time = B.bound_seconds(budget) if with_bound and not locality_copies else 0.0
     copy_time = B.COPY_SHARE * budget if locality_copies else 0.0
     # The setup above came out of the layer's budget too: the search ends where the budget does,
-    # less the bound's and the copies' shares.
+    # less the bound's, the copies' and the objective's refinement shares.
+    refine_time = objective.refine_share * budget
     layer_end = t_enter + budget
-    deadline = layer_end - bound_time - copy_time
+    deadline = layer_end - bound_time - copy_time - refine_time
     det = opt.deterministic
     search.repair(np.inf if det else max(deadline, time.monotonic() + B.REPAIR_MIN_S))
     search.descend(np.inf if det else deadline)
@@ -176,7 +180,14 @@ def solve_layer(
         rank_risk = q * max(1.0, opt.balance_risk) ** 2 if risk is None else risk
         rank_cap = _RANK_CAP_WITH_COPIES
     layout, rank_imb = place_ranks(inst, node_assign, topology, s, rank_bal, rank_cap, objective.rank_weight(topology), rank_risk, eclass,
-                                   deadline=np.inf if det else max(time.monotonic() + B.REPAIR_MIN_S, layer_end - bound_time - copy_time))
+                                   deadline=np.inf if det else max(time.monotonic() + B.REPAIR_MIN_S,
+                                                                   layer_end - bound_time - copy_time - refine_time))
+    if objective.refine_share > 0:
+        layout = objective.refine(l, layout, inst, det, refine_time)
+        node_assign = node_assign_of(layout, topology)
+        node_cost = inst.cost(node_assign, w) + (0.0 if lin is None else float(lin[np.arange(E), node_assign].sum()))
+        rank_load = load[layout].sum(axis=1)  # token pairs, as for every objective
+        rank_imb = float(rank_load.max() / rank_load.mean())
 
     # ---- Step 3: copies -------------------------------------------------------------------------
     if locality_copies:

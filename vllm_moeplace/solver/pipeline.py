@@ -16,6 +16,9 @@ Step 3  redundant copies, if asked: for locality under the replica rule (`replic
         earlier balance-only placement (`redundancy`).
 Bound   the objective's lower bound per layer (`bounds` for node_sends); the gap in the plan is
         (objective - bound) / objective over all layers.
+Guard   the plan's predicted MoE step time against vLLM's linear layout and EPLB (`guard`): a
+        plan predicted slower than linear for the phase mix is replaced by the faster baseline
+        unless `keep_plan`; the predictions go into the plan's `solver.step_time`.
 
 Layers are independent unless the inter-layer term is on; then they are solved in order, layer
 l+1 seeing layer l fixed. `--time-limit` bounds the whole solve (setup included) and is shared out
@@ -32,6 +35,7 @@ import numpy as np
 from vllm_moeplace import trace_stats
 from vllm_moeplace.plan import Plan, Topology, validate_plan
 from vllm_moeplace.solver.balance import BALANCE_STRATEGIES, SolveRun
+from vllm_moeplace.solver import guard
 from vllm_moeplace.solver.budget import Budget
 from vllm_moeplace.solver.layer import LayerResult, SolveError
 from vllm_moeplace.solver.objectives import Objective, get_objective
@@ -77,6 +81,8 @@ def solve(
         # Resolved once, and recorded in the plan's options so a re-run reproduces it (measured
         # on the sample when there is one: it is a ratio, and it reads every layer of its trace).
         options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(search, E // R, seed=options.seed)})
+    # The step model is resolved before any search, so a bad --hardware / --model-shape fails first.
+    step = guard.resolve(train, topology, options, required=options.objective == "step_time")
     grouping = None
     if request_groups is not None:
         check_request_groups(options)
@@ -86,7 +92,7 @@ def solve(
     elif options.objective == "request_node_sends":
         raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")
     else:
-        objective = get_objective(options.objective)
+        objective = get_objective(options.objective, train=search, topology=topology, options=options, step_model=step.model)
     run = SolveRun(train, topology, options, objective, budget, np.random.default_rng(options.seed),
                    search=search, sampled=sample.tokens is not None)
 
@@ -98,14 +104,25 @@ def solve(
                          time.monotonic() - t0, sample if sample.tokens is not None else None)
     if report.overflow:
         warnings.warn(OVERFLOW_WARNING, stacklevel=2)
+    layers = {int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)}
+
+    # ---- guard: never slower than the default (predicted) -------------------------------------
+    checked = guard.check(layers, trace, train, topology, options, step)
+    if checked.warning:
+        warnings.warn(checked.warning, stacklevel=2)
+    solver = report.to_json()
+    solver["step_time"] = checked.record
+    extra = objective.report()
+    if extra is not None:
+        solver["objective_report"] = extra
     plan = Plan(
         model_name=model_name,
         num_experts=E,
         moe_layers=[int(x) for x in trace.layer_ids],
         ep_size=R,
         topology=topology,
-        layers={int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)},
-        solver=report.to_json(),
+        layers=checked.layers,
+        solver=solver,
         request_routing=None if grouping is None else grouping.routing,
     )
     if grouping is not None:
