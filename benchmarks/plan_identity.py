@@ -42,6 +42,14 @@ MODULE_RENAMES = {"cpsat_bound": "bounds"}
 # Options removed by issue 17 because they measured no better; only their default (off) is accepted
 # in a reference plan, so removing them cannot change a plan that did not use them.
 REMOVED_OPTIONS = {"balance_folds": 1}
+# Options added by issue 13 (the step-time guard and objective), with the values a compare run
+# uses: a reference plan predates them. `compare` passes --keep-plan so that what is compared is
+# the search's plan; the guard's verdict is printed beside it (its record, `solver.step_time`,
+# and the objective's `objective_report` are new sections, not compared).
+ADDED_OPTIONS = {"hardware": "h800-deepep", "model_shape": None, "phase_mix": None, "prefill_tokens_per_rank": 4096,
+                 "decode_tokens_per_rank": 128, "keep_plan": True}
+ADDED_SECTIONS = ("step_time", "objective_report")
+COMPARE_FLAGS = ["--keep-plan"]
 
 
 def _moeplace(*args: str) -> None:
@@ -55,10 +63,10 @@ def _traces(ref: Path) -> dict[str, Path]:
     return {"dsv2": DSV2, "l4": l4}
 
 
-def solve_case(name: str, ref: Path, out: Path) -> float:
+def solve_case(name: str, ref: Path, out: Path, extra: list[str] | None = None) -> float:
     trace_key, flags = CASES[name]
     t0 = time.monotonic()
-    _moeplace("solve", "--trace", str(_traces(ref)[trace_key]), *flags, *COMMON, "--out", str(out))
+    _moeplace("solve", "--trace", str(_traces(ref)[trace_key]), *flags, *COMMON, *(extra or []), "--out", str(out))
     return time.monotonic() - t0
 
 
@@ -74,6 +82,11 @@ def _normalise(solver: dict) -> dict:
     for k, default in REMOVED_OPTIONS.items():
         if opts.get(k, default) == default:
             opts.pop(k, None)
+    for k, value in ADDED_OPTIONS.items():
+        if opts.get(k, value) == value:
+            opts.pop(k, None)
+    for k in ADDED_SECTIONS:
+        out.pop(k, None)
     return out
 
 
@@ -110,9 +123,14 @@ def main() -> int:
             print(f"{name}: recorded {ref_file} ({wall:.0f} s)")
             continue
         new_file = args.ref / f"{name}.new.json"
-        wall = solve_case(name, args.ref, new_file)
-        diff = differences(json.loads(ref_file.read_text()), json.loads(new_file.read_text()))
-        print(f"{name}: {'IDENTICAL' if not diff else 'DIFFERENT'} ({wall:.0f} s)")
+        wall = solve_case(name, args.ref, new_file, COMPARE_FLAGS)
+        new_plan = json.loads(new_file.read_text())
+        diff = differences(json.loads(ref_file.read_text()), new_plan)
+        st = new_plan.get("solver", {}).get("step_time", {})
+        verdict = (f"guard: predicted {st['plan_vs_linear']:.3f} x linear for phase mix {st['phase_mix']:.3f}"
+                   + (", would write " + min((n for n in st["predicted_ms"] if n != "plan"), key=lambda n: st["predicted_ms"][n]["mix"])
+                      if st.get("slower_than_linear") else "") if st.get("checked") else f"guard: {st.get('reason', 'no record')}")
+        print(f"{name}: {'IDENTICAL' if not diff else 'DIFFERENT'} ({wall:.0f} s); {verdict}")
         for d in diff:
             print(f"  {d}")
         failed += bool(diff)

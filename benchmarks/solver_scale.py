@@ -108,7 +108,10 @@ def main() -> int:
             f"{r['train_imbalance']:.3f} | {r['load_1min_start']:.1f} / {r['load_1min_end']:.1f} |"
         )
         print(lines[-1], flush=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    # Keep the sections other scripts write into the same file (solver_scale_tokens.py's "## ...").
+    out = Path(args.out)
+    rest = out.read_text().partition("\n## ")[2] if out.exists() else ""
+    out.write_text("\n".join(lines) + "\n" + (f"\n## {rest}" if rest else ""))
     print("\n".join(lines))
     return 0
 

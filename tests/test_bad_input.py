@@ -615,11 +615,12 @@ def test_damaged_traces_are_refused_or_read(world: World, cut: int, flips: list[
 FLOAT_FLAGS = [("synth", "--skew"), ("synth", "--cluster-strength"), ("synth", "--layer-coupling"),
                ("solve", "--balance-risk"), ("solve", "--risk-scale"), ("solve", "--inter-layer-weight"),
                ("solve", "--max-imbalance"), ("solve", "--time-limit"), ("solve", "--balance-confidence"),
-               ("baseline", "--train-fraction"), ("evaluate", "--train-fraction")]
+               ("baseline", "--train-fraction"), ("evaluate", "--train-fraction"), ("solve", "--phase-mix"),
+               ("evaluate", "--phase-mix")]
 INT_FLAGS = [("synth", "--seed"), ("synth", "--tokens"), ("synth", "--experts"), ("solve", "--seed"),
              ("solve", "--ep-size"), ("solve", "--redundant-per-rank"), ("random-plan", "--seed"),
              ("random-plan", "--ranks-per-node"), ("baseline", "--num-groups"), ("evaluate", "--redundant-per-rank"),
-             ("export", "--num-layers")]
+             ("export", "--num-layers"), ("solve", "--prefill-tokens-per-rank"), ("evaluate", "--decode-tokens-per-rank")]
 
 
 def _argv(w: World, command: str, flag: str, value: str, out: Path) -> list[Any]:

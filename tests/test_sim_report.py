@@ -64,7 +64,7 @@ def test_simulate_script_end_to_end(tmp_path):
     assert rc == 0
     data = json.loads((out / "simulation_syn.json").read_text())
     layouts = [r["layout"] for r in data["rows"]]
-    assert layouts[0] == "linear" and {"round_robin", "eplb", "greedy"} <= set(layouts)
+    assert layouts[0] == "linear" and {"round_robin", "eplb", "greedy", "step_time"} <= set(layouts)
     assert all(r["total_ms"] > 0 and r["rdma_gb"] >= 0 for r in data["rows"])
     by = {r["layout"]: r for r in data["rows"]}
     # Grouping the co-activated experts per node must cut inter-node bytes (linear splits them).

@@ -24,8 +24,11 @@ def test_registries_match_the_options_literals():
     assert set(OBJECTIVES) == set(get_args(ObjectiveName))
     assert set(BALANCE_STRATEGIES) == set(get_args(BalanceTarget))
     for name in OBJECTIVES:
-        assert get_objective(name).name == name
+        assert OBJECTIVES[name].name == name
         SolveOptions(objective=name)  # every registered name is accepted by the options
+    # objectives that need no solve context are built by name alone
+    for name in ("node_sends", "rank_sends", "hop_cost"):
+        assert get_objective(name).name == name
 
 
 def test_node_sends_terms_and_bound():

@@ -22,7 +22,7 @@ from vllm_moeplace.solver import eplb
 from vllm_moeplace.solver.baselines import slots_per_rank
 
 # option -> why it needs per-token routing (or request ids), for the one refusal message
-PER_TOKEN_OBJECTIVES = ("node_sends", "rank_sends", "hop_cost")
+PER_TOKEN_OBJECTIVES = ("node_sends", "rank_sends", "hop_cost", "step_time")
 PER_TOKEN_OPTIONS = {
     "--inter-layer-weight": "counts nodes a token newly needs at the next layer",
     "--balance-target expected": "models request-sampling noise from per-request loads",

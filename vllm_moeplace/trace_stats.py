@@ -68,22 +68,43 @@ def transitions(trace: Trace, l: int) -> np.ndarray:
     return pair_counts(trace.topk_ids[:, l, :], trace.topk_ids[:, l + 1, :], trace.num_experts)
 
 
-def unique_patterns(trace: Trace, l: int) -> tuple[np.ndarray, np.ndarray]:
+def unique_patterns(trace: Trace, l: int, tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Aggregated routing patterns at layer index l.
 
     Tokens that chose the same expert *set* collapse into one pattern with a count, which is
-    what makes exact (per-pattern) models tractable.
+    what makes exact (per-pattern) models tractable. `tokens` (int indices): count only those
+    tokens (a sample), without building a sub-Trace.
 
     Returns (patterns int64 [P, K], each row sorted ascending, rows in lexicographic order;
-    counts int64 [P], summing to T).
+    counts int64 [P], summing to the tokens counted).
     """
     _check_layer(trace, l)
-    K = trace.top_k
-    ids = np.sort(trace.topk_ids[:, l, :], axis=1)
+    ids = trace.topk_ids[:, l, :] if tokens is None else trace.topk_ids[tokens, l, :]
+    return count_patterns(ids, trace.num_experts)
+
+
+def count_patterns(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct sorted rows of int [T, K] in lexicographic order, int64 count of each).
+
+    One token's signature is its sorted expert set packed into one integer (K fields of
+    ceil(log2 E) bits, first expert most significant, so integer order is lexicographic row
+    order): one 1-D sort instead of np.unique(axis=0)'s row sort (about 10x faster at R1 shape,
+    where nearly every token is its own pattern). Falls back to the row sort when K fields do not
+    fit in 63 bits (top-8 of 256 experts fits; top-16 of 1024 does not)."""
+    K = ids.shape[1]
+    ids = np.sort(ids, axis=1)
     if ids.shape[0] == 0:
         return np.zeros((0, K), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    pats, counts = np.unique(ids, axis=0, return_counts=True)
-    return pats.astype(np.int64), counts.astype(np.int64)
+    bits = max(1, int(num_experts - 1).bit_length())
+    if bits * K > 63:
+        pats, counts = np.unique(ids, axis=0, return_counts=True)
+        return pats.astype(np.int64), counts.astype(np.int64)
+    key = np.zeros(ids.shape[0], dtype=np.int64)
+    for k in range(K):
+        key <<= bits
+        key |= ids[:, k].astype(np.int64)
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+    return ids[first].astype(np.int64), counts.astype(np.int64)
 
 
 def gini(x: np.ndarray) -> np.ndarray:
@@ -144,7 +165,12 @@ def routing_summary(trace: Trace, min_expected: float = 20.0) -> dict[str, float
     }
 
 
-def load_risk(trace: Trace, l: int) -> np.ndarray:
+def request_index(trace: Trace) -> np.ndarray:
+    """int [T]: each token's request as 0..m-1 (request ids in ascending order), for `load_risk`."""
+    return np.unique(trace.request_ids, return_inverse=True)[1]
+
+
+def load_risk(trace: Trace, l: int, req: np.ndarray | None = None) -> np.ndarray:
     """float [E, E]: covariance of held-out minus train expert loads, in train (token, expert) pairs.
 
     A unit holding experts S has train load T_S = sum_r c_r[S] over requests r. A held-out sample
@@ -157,7 +183,7 @@ def load_risk(trace: Trace, l: int) -> np.ndarray:
     """
     _check_layer(trace, l)
     E = trace.num_experts
-    _, req = np.unique(trace.request_ids, return_inverse=True)
+    req = request_index(trace) if req is None else req  # (callers looping over layers pass it once)
     m = int(req.max()) + 1 if req.size else 0
     ids = trace.topk_ids[:, l, :].astype(np.int64)
     c = np.bincount((req[:, None] * E + ids).ravel(), minlength=m * E).reshape(m, E).astype(np.float64)
@@ -185,8 +211,9 @@ def risk_calibration(trace: Trace, unit_size: int, units: int = 200, seed: int =
     rng = np.random.default_rng(seed)
     la, lb = expert_load(a).astype(np.float64), expert_load(b).astype(np.float64)
     zs = []
+    req_a = request_index(a)
     for l in range(trace.num_layers):
-        q = load_risk(a, l)
+        q = load_risk(a, l, req_a)
         d = lb[l] / max(1.0, lb[l].sum()) * la[l].sum() - la[l]
         w = np.zeros((units, E))
         w[np.arange(units)[:, None], np.argsort(rng.random((units, E)), axis=1)[:, :unit_size]] = 1.0

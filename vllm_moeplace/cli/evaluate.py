@@ -41,6 +41,7 @@ class Row:
     source: str
     in_sample: Metrics
     held_out: Metrics
+    layers: dict | None = None  # the layout, for the step-time prediction
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -70,6 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-window", type=int, default=1, metavar="W",
                         help="plans with request_routing: route W consecutive requests together (balanced by "
                              "regret under the share cap; default 1 = one at a time)")
+    st = parser.add_argument_group("predicted MoE step time (simulator time model, held-out requests)")
+    st.add_argument("--hardware", default="h800-deepep",
+                    help="a profile of benchmarks/sim_params.json or a JSON file (default h800-deepep)")
+    st.add_argument("--model-shape", default=None,
+                    help="a model of benchmarks/sim_params.json or a JSON file (default: matched from the trace's model name; "
+                         "without a match the step time is not printed)")
+    st.add_argument("--phase-mix", type=float, default=None,
+                    help="share of prefill steps for the 'mix' column (default: measured from the trace)")
+    st.add_argument("--prefill-tokens-per-rank", type=int, default=4096, help="tokens per rank in a prefill step (default 4096)")
+    st.add_argument("--decode-tokens-per-rank", type=int, default=128, help="tokens per rank in a decode step (default 128)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -107,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             notes.append(f"{path} was fitted with train_fraction {fitted}, scored with {args.train_fraction}: "
                          f"its held-out part overlaps its training data")
         rows.append(Row(name, "plan", path, evaluate_layers(plan.layers, plan.topology, train),
-                        evaluate_layers(plan.layers, plan.topology, test)))
+                        evaluate_layers(plan.layers, plan.topology, test), plan.layers))
     if len({json.dumps(p.topology.to_json(), sort_keys=True) for _, p in plans}) > 1:
         notes.append(f"plans use different topologies; baselines use the first plan's ({describe(topology)})")
     red = args.redundant_per_rank
@@ -130,20 +141,26 @@ def run(args: argparse.Namespace) -> int:
             continue
         name = _plan_name(method, taken)
         taken.add(name)
-        rows.append(Row(name, "baseline", method, evaluate_layers(layers, topology, train), evaluate_layers(layers, topology, test)))
+        rows.append(Row(name, "baseline", method, evaluate_layers(layers, topology, train), evaluate_layers(layers, topology, test),
+                        layers))
     routed = {name: (score_routing(plan, train, args.router_window), score_routing(plan, test, args.router_window))
               for (path, plan), name in zip(plans, [r.name for r in rows if r.kind == "plan"])
               if plan.request_routing is not None}
+    step, step_info = _step_times(rows, trace, test, topology, args, notes)
     for n in notes:
         print(f"moeplace evaluate: note: {n}", file=sys.stderr)
     if args.json:
-        out = {r.name: {"kind": r.kind, "source": r.source, "held_out": r.held_out.as_dict(),
-                        "in_sample": r.in_sample.as_dict()} for r in rows}
+        out = {}
+        for r in rows:
+            out[r.name] = {"kind": r.kind, "source": r.source, "held_out": r.held_out.as_dict(), "in_sample": r.in_sample.as_dict()}
+            if step:
+                out[r.name]["step_time_ms"] = step[r.name]
         for name, (ins, held) in routed.items():
             out[name]["request_routing"] = {"held_out": held.as_dict(), "in_sample": ins.as_dict()}
         print(json.dumps(out, indent=1))
         return 0
     _print_report(trace, train, test, topology, red, rows, args)
+    _print_step_times(rows, step, step_info)
     for name, (ins, held) in routed.items():
         _print_routing(name, ins, held)
     return 0
@@ -164,6 +181,51 @@ def _print_routing(name: str, ins: RoutingScore, held: RoutingScore) -> None:
         if sc.spread.node_sends_decode > 0:
             print(f"{part:<10} decode node_sends routed / spread: {sc.routed.node_sends_decode / sc.spread.node_sends_decode:.3f}"
                   f"; {sc.fallback_requests} request(s) without a signature (fallback)")
+
+
+def _step_times(rows: list[Row], trace: Trace, test: Trace, topology: Topology, args: argparse.Namespace,
+                notes: list[str]) -> tuple[dict[str, dict[str, float]], dict]:
+    """{layout: {prefill, decode, mix} ms} on the held-out requests, or {} with a note when the model
+    shape is unknown. A wrong --hardware / --model-shape / batch size is an error, not a note."""
+    from vllm_moeplace.sim.network import SimParamsError
+    from vllm_moeplace.sim.predict import batch_sources, phase_batches, predict, step_model
+
+    for flag in ("prefill_tokens_per_rank", "decode_tokens_per_rank"):
+        if getattr(args, flag) <= 0:
+            raise MoeplaceError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if args.phase_mix is not None and not 0.0 <= args.phase_mix <= 1.0:
+        raise MoeplaceError(f"--phase-mix {args.phase_mix}: must be in [0, 1] (share of prefill steps)")
+    try:
+        model = step_model(trace, topology.ep_size, args.hardware, args.model_shape, args.phase_mix,
+                           args.prefill_tokens_per_rank, args.decode_tokens_per_rank)
+    except SimParamsError as e:
+        if args.model_shape is None and "no model shape" in str(e):
+            notes.append(f"step time not predicted: {e}")
+            return {}, {}
+        raise
+    batches = phase_batches(test, model, topology.ep_size)
+    out = {r.name: predict(r.layers, topology, test, model, batches) for r in rows}
+    return out, dict(model.describe(), batches_from=batch_sources(test))
+
+
+def _print_step_times(rows: list[Row], step: dict[str, dict[str, float]], info: dict) -> None:
+    if not step:
+        return
+    print(f"\npredicted MoE step time, held-out requests (ms per step, all MoE layers; {info['hardware']}, "
+          f"{info['model_shape']}, {info['tokens_per_rank']['prefill']} / {info['tokens_per_rank']['decode']} tokens per rank "
+          f"in prefill / decode; mix = {info['phase_mix']:.3f} prefill steps, {info['phase_mix_source']})")
+    ref = next((step[r.name] for r in rows if r.kind == "baseline" and r.source == "linear"), None)
+    width = max([len(r.name) for r in rows] + [6])
+    head = f"{'layout':<{width}}  {'prefill':>10}  {'decode':>10}  {'mix':>10}"
+    if ref is not None:
+        head += f"  {'prefill/lin':>11}  {'decode/lin':>11}  {'mix/lin':>11}"
+    print(head)
+    for r in rows:
+        t = step[r.name]
+        line = f"{r.name:<{width}}  {t['prefill']:>10.3f}  {t['decode']:>10.3f}  {t['mix']:>10.3f}"
+        if ref is not None:
+            line += "".join(f"  {t[k] / ref[k]:>11.3f}" for k in ("prefill", "decode", "mix"))
+        print(line)
 
 
 def _print_report(trace: Trace, train: Trace, test: Trace, topology: Topology, red: int, rows: list[Row],

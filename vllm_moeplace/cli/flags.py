@@ -49,6 +49,8 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "requests": (1, MAX_TRACE_IDS),
     "domains": (1, 1 << 16),
     "balance_folds": (1, 8),
+    "prefill_tokens_per_rank": (1, 1 << 20),
+    "decode_tokens_per_rank": (1, 1 << 20),
 }
 # dest -> (min, strict): the value must be > min (strict) or >= min.
 FLOAT_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -60,6 +62,7 @@ FLOAT_BOUNDS: dict[str, tuple[float, bool]] = {
     "risk_scale": (0.0, True),
     "skew": (0.0, False),
     "cluster_strength": (0.0, False),
+    "phase_mix": (0.0, False),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -33,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vllm_moeplace.cli.demo", "the main job end to end on the embedded default"),
 }
 
+
+# Commands whose numpy work is small dense algebra (the solver's E x E matrices).
+SINGLE_BLAS_THREAD = frozenset({"solve"})
 
 # Outputs each command writes (argparse dest -> file or folder): checked before the command runs,
 # and removed again if it fails (cli/flags.py).
@@ -78,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_ = COMMANDS[name]
+    if name in SINGLE_BLAS_THREAD:
+        # Before numpy loads OpenBLAS: its small (E x E) products gain nothing from threads, and on
+        # a busy machine a second BLAS thread spin-waits (eigh of 256 x 256: 0.05 s on one
+        # thread, 1.4 s on two under load), time that --time-limit would have to absorb.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

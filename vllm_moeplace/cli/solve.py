@@ -7,6 +7,8 @@ that needs per-token routing is refused for it with one message naming the optio
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -22,9 +24,10 @@ from vllm_moeplace.trace import load_trace
 # Flags whose command-line form differs from the plain field (type, default, docstring).
 _FLAG_EXTRAS: dict[str, dict[str, Any]] = {
     # `balance` is served by load_balance.py (load-only traces), not by the per-token search.
-    "objective": {"choices": ["node_sends", "rank_sends", "hop_cost", "balance"],
+    "objective": {"choices": ["node_sends", "rank_sends", "hop_cost", "step_time", "balance"],
+                  "type": lambda v: v.replace("-", "_"),
                   "help_suffix": " balance: place by expert load only (the default, and the only choice, for a "
-                                 "load-only trace)."},
+                                 "load-only trace). step-time is accepted for step_time."},
     # Without N: read n_group from --model DIR/config.json.
     "preserve_groups": {"nargs": "?", "const": -1, "metavar": "N",
                         "help_suffix": " Without N, n_group is read from --model DIR/config.json."},
@@ -202,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_moeplace.load_trace import is_load_trace
     from vllm_moeplace.solver.pipeline import solve
 
+    started = time.monotonic()  # --time-limit counts from here: loading the trace is part of the solve
     load_only = is_load_trace(args.trace)
     if load_only or args.objective == "balance":
         if args.request_groups is not None:
@@ -221,16 +225,28 @@ def run(args: argparse.Namespace) -> int:
     check_redundant_per_rank(opts.redundant_per_rank, trace.num_experts, topology.ep_size)  # else a long futile search
     meta_name = trace.meta.get("model") if isinstance(trace.meta, dict) else None
     groups = _request_groups(args, topology)
-    plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace,
-                 request_groups=groups)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = solve(trace, topology, opts, model_name=args.model_name or meta_name or "unknown", trace_path=args.trace,
+                     request_groups=groups, started=started)
+    st = plan.solver.get("step_time", {})
+    for w in caught:  # the guard's message is printed once, below, in capitals; the others as they are
+        if str(w.message) != st.get("warning"):
+            print(f"warning: {w.message}", file=sys.stderr)
     plan.save(args.out)
     s = plan.solver
     print(
         f"{s['status']}  objective {s['objective_name']} {s['objective']:.4f} (train)  bound {s['best_bound']:.4f}  "
         f"gap {100 * s['gap']:.1f}%  time {s['time_s']:.1f}s  cp-sat {s['cpsat_improvements']}/{s['cpsat_calls']} improving"
     )
+    if "sample" in s:
+        x = s["sample"]
+        print(f"searched a sample of {x['tokens']} of {x['of']} train tokens (the budget's share; balance on all of them)")
     if "warning" in s:
         print(f"warning: {s['warning']}")
+    _print_step_time(st)
     if opts.train_fraction < 1.0:
         from vllm_moeplace.metrics import evaluate_layers
 
@@ -252,3 +268,19 @@ def run(args: argparse.Namespace) -> int:
                   f"group share {sc.share_imbalance:.3f} x fair")
     print(f"wrote {args.out}")
     return 0
+
+
+def _print_step_time(st: dict) -> None:
+    """The guard's record: predicted MoE step time of the plan and the baselines, and what was written."""
+    if not st.get("checked"):
+        print(f"note: {st.get('reason', 'step time not predicted')}", file=sys.stderr)
+        return
+    print(f"predicted MoE step time (ms, {st['evaluated_on']}; {st['hardware']}, {st['model_shape']}, "
+          f"{st['tokens_per_rank']['prefill']}/{st['tokens_per_rank']['decode']} tokens per rank, phase mix "
+          f"{st['phase_mix']:.3f} {st['phase_mix_source']}):")
+    print(f"{'layout':10s} {'prefill':>10s} {'decode':>10s} {'mix':>10s}")
+    for name, t in st["predicted_ms"].items():
+        print(f"{name:10s} {t['prefill']:10.3f} {t['decode']:10.3f} {t['mix']:10.3f}")
+    if st.get("warning"):
+        bar = "!" * 78
+        print(f"{bar}\nWARNING: {st['warning']}\n{bar}", file=sys.stderr)

@@ -117,11 +117,17 @@ def layer_traffic(
     B, K = ids.shape
     a = np.asarray(placement, dtype=np.int64)
     key = np.arange(B, dtype=np.int64) if spread is None else np.asarray(spread, dtype=np.int64)
-    table = candidate_table(a, E, topology.node_of_rank)
-    hosts = select(table, ids, origins, key) // a.shape[1]  # [B, K] ranks
+    if a.size == E and np.array_equal(np.sort(a.ravel()), np.arange(E)):
+        # One copy per expert: the replica rule can only pick it (a shortcut, same answer).
+        rank_of = np.empty(E, dtype=np.int64)
+        rank_of[a.ravel()] = np.repeat(np.arange(a.shape[0]), a.shape[1])
+        hosts = rank_of[ids]
+    else:
+        table = candidate_table(a, E, topology.node_of_rank)
+        hosts = select(table, ids, origins, key) // a.shape[1]  # [B, K] ranks
     pairs = np.bincount(hosts.ravel(), minlength=R)
-    used = np.unique(hosts.ravel() * E + ids.ravel())  # distinct (rank, expert) with work
-    active = np.bincount(used // E, minlength=R)
+    # distinct (rank, expert) with work, per rank
+    active = (np.bincount(hosts.ravel() * E + ids.ravel(), minlength=R * E).reshape(R, E) > 0).sum(axis=1)
 
     node = topology.node_of_rank
     hs = np.sort(hosts, axis=1)

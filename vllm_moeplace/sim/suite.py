@@ -28,7 +28,7 @@ import numpy as np
 
 from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.plan import Topology
-from vllm_moeplace.sim.network import SimParams, load_params
+from vllm_moeplace.sim.network import Hardware, ModelShape, SimParams, load_params
 from vllm_moeplace.sim.report import Row, all_tables, plot_breakdown, plot_time_vs_ep, ratio, summary_table
 from vllm_moeplace.sim.run import sample_batches, simulate
 from vllm_moeplace.trace import Trace, load_trace
@@ -41,7 +41,7 @@ SCRIPT = "benchmarks/simulate.py"
 SHARED = Path(os.environ.get("MOEPLACE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DSV2 = SHARED / "traces" / "dsv2lite_puffin_a.npz"
 LLAMA4_RAW = SHARED / "raw" / "orders-in-chaos-llama4-mmlu-abstract_algebra"
-LAYOUTS = ("linear", "round_robin", "eplb", "greedy", "cpsat")
+LAYOUTS = ("linear", "round_robin", "eplb", "greedy", "cpsat", "step_time")
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,15 @@ def load_named_trace(key: str) -> Trace:
     raise ValueError(f"unknown trace key {key!r}")
 
 
-def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float) -> dict[int, np.ndarray]:
-    """Per-layer placement of layout `name`, fitted on `train`."""
+def fit(name: str, train: Trace, topo: Topology, cpsat_seconds: float, step: tuple[ModelShape, Hardware] | None = None) -> dict[int, np.ndarray]:
+    """Per-layer placement of layout `name`, fitted on `train` (`step`: the model shape and hardware
+    the step_time layout is solved for)."""
     if name == "cpsat":
         return cpsat_layers(train, topo, cpsat_seconds)  # `train` is already the training half
+    if name == "step_time":
+        if step is None:
+            raise ValueError("the step_time layout needs the model shape and hardware")
+        return step_time_layers(train, topo, cpsat_seconds, *step)
     from vllm_moeplace.solver.baselines import baseline_layers
 
     return baseline_layers(name, train, topo)
@@ -93,30 +98,58 @@ def cpsat_layers(train: Trace, topo: Topology, seconds: float, default: float = 
     without redundant copies can reach), each with its share of the time budget.
     """
     from vllm_moeplace.solver.options import SolveOptions
-    from vllm_moeplace.solver.pipeline import solve
     from vllm_moeplace.trace_stats import expert_load
 
     load = expert_load(train).astype(np.float64)  # [L, E]
     hottest = load.max(axis=1) / (load.sum(axis=1) / topo.ep_size)  # [L]
     # deterministic: the same plan whatever the machine load.
     if (hottest * 1.02 <= default).all():
-        return solve(train, topo, SolveOptions(time_limit=seconds, deterministic=True, max_imbalance=default)).layers
+        return _search_plan(train, topo, SolveOptions(time_limit=seconds, deterministic=True, max_imbalance=default, keep_plan=True))
     out = {}
     for li, lid in enumerate(train.layer_ids.tolist()):
         one = Trace(topk_ids=train.topk_ids[:, li : li + 1, :], layer_ids=train.layer_ids[li : li + 1],
                     request_ids=train.request_ids, is_prefill=train.is_prefill, num_experts=train.num_experts,
                     meta=train.meta)
         cap = float(max(default, round(hottest[li] * 1.02, 3)))
-        opts = SolveOptions(time_limit=seconds / train.num_layers, deterministic=True, max_imbalance=cap)
-        out[lid] = solve(one, topo, opts).layers[lid]
+        opts = SolveOptions(time_limit=seconds / train.num_layers, deterministic=True, max_imbalance=cap, keep_plan=True)
+        out[lid] = _search_plan(one, topo, opts)[lid]
     return out
+
+
+def _search_plan(train: Trace, topo: Topology, opts) -> dict[int, np.ndarray]:
+    """The search's plan as found (`keep_plan`): the guard's verdict on it is this page's to show,
+    not a warning per solve."""
+    import warnings
+
+    from vllm_moeplace.solver.pipeline import solve
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the plan is predicted")
+        return solve(train, topo, opts).layers
+
+
+def step_time_layers(train: Trace, topo: Topology, seconds: float, shape: ModelShape, hw: Hardware) -> dict[int, np.ndarray]:
+    """`solve --objective step_time --phase-mix 0.5` on the train half, as written (the guard,
+    on the train requests here, may write linear or EPLB instead), for this shape and hardware
+    (handed to the solver as JSON files, the form `--model-shape` / `--hardware` take)."""
+    import tempfile
+
+    from vllm_moeplace.solver.options import SolveOptions
+    from vllm_moeplace.solver.pipeline import solve
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "shape.json").write_text(shape.model_dump_json())
+        (Path(d) / "hw.json").write_text(hw.model_dump_json())
+        opts = SolveOptions(objective="step_time", phase_mix=0.5, time_limit=seconds, deterministic=True,
+                            model_shape=str(Path(d) / "shape.json"), hardware=str(Path(d) / "hw.json"))
+        return solve(train, topo, opts).layers
 
 
 def available_layouts() -> list[str]:
     return list(LAYOUTS)
 
 
-def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log) -> list[Row]:
+def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: float, log, layouts: list[str] | None = None) -> list[Row]:
     trace = load_trace(sc.path) if sc.path else load_named_trace(sc.key)
     train, test = trace.split_by_request(0.5)
     shape = params.models[sc.model]
@@ -125,9 +158,9 @@ def run_scenario(sc: Scenario, params: SimParams, hw_name: str, cpsat_seconds: f
         topo = Topology.uniform(ep, ep // nodes)
         batches = {b: sample_batches(test, params.batches[b], ep) for b in sc.batches}
         hws = [hw_name] + ([h for h in params.hardware if h != hw_name] if (ep, nodes) in sc.sensitivity else [])
-        for name in available_layouts():
+        for name in layouts or available_layouts():
             t0 = time.perf_counter()
-            layers = fit(name, train, topo, cpsat_seconds)
+            layers = fit(name, train, topo, cpsat_seconds, (shape, params.hardware[hw_name]))
             fit_s = time.perf_counter() - t0
             m = evaluate_layers(layers, topo, test)
             new = []
@@ -319,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topologies", default="8x2,16x4,32x8", help="for --trace: EPxNODES list")
     p.add_argument("--batches", default="prefill,decode", help="for --trace: batch keys in the params file")
     p.add_argument("--render-only", metavar="JSON", help="redraw the markdown and PNGs from a saved results JSON")
+    p.add_argument("--add-layouts", metavar="L1,L2",
+                   help="suite mode: compute only these layouts (e.g. step_time) for the suite's scenarios and merge their rows "
+                        "into the saved simulation.json (same seeded batches, so the other rows stay valid), then redraw")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.render_only:
@@ -347,9 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     t0 = time.perf_counter()
     rows: list[Row] = []
+    added = args.add_layouts.split(",") if args.add_layouts else None
+    if added and (args.trace or not (out / f"{stem}.json").exists()):
+        p.error("--add-layouts merges into the saved suite results: run the full suite first (and without --trace)")
     for sc in scenarios:
-        rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True))
+        rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True), added)
     elapsed = time.perf_counter() - t0
+    if added:
+        return _merge(out, stem, rows, command, cpsat_seconds, elapsed, load_before)
     data = {
         "command": command, "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": load_before, "load_after": _load(), "wall_seconds": round(elapsed, 1),
@@ -359,6 +400,28 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     render(data, out, stem)
     print(f"wrote {out / (stem + '.md')} ({elapsed:.0f} s)")
+    return 0
+
+
+def _merge(out: Path, stem: str, rows: list[Row], command: str, cpsat_seconds: float, elapsed: float, load_before: str) -> int:
+    """Put `rows` into the saved results: each after the last saved row of its scenario (replacing a
+    saved row of the same scenario and layout), and record the run."""
+    f = out / f"{stem}.json"
+    data = json.loads(f.read_text())
+    saved = [r for r in data["rows"]]
+    for r in (x.as_dict() for x in rows):
+        key = lambda x: (x["trace"], x["ep_size"], x["num_nodes"], x["batch"], x["hardware"])  # noqa: E731
+        saved = [x for x in saved if not (key(x) == key(r) and x["layout"] == r["layout"])]
+        at = max((i for i, x in enumerate(saved) if key(x) == key(r)), default=len(saved) - 1)
+        saved.insert(at + 1, r)
+    data["rows"] = saved
+    data.setdefault("added", []).append({
+        "command": command, "layouts": sorted({r.layout for r in rows}), "machine": machine(), "cpsat_seconds": cpsat_seconds,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load_before": load_before, "load_after": _load(),
+        "wall_seconds": round(elapsed, 1)})
+    f.write_text(json.dumps(data, indent=1) + "\n")
+    render(data, out, stem)
+    print(f"merged {len(rows)} rows into {f} and redrew {stem}.md ({elapsed:.0f} s)")
     return 0
 
 
@@ -390,6 +453,10 @@ def render(data: dict, out: Path, stem: str) -> None:
         "wall-clock limit and so may vary slightly with machine load. The raw rows are in "
         f"`{stem}.json`; `python benchmarks/simulate.py --render-only benchmarks/results/{stem}.json` redraws this page"
         + (f" (this page was redrawn so at commit {rc})." if (rc := machine()["commit"]) != mach["commit"] else "."),
+        *[f"Rows of layout(s) {', '.join(f'`{x}`' for x in a['layouts'])} were added by `{a['command']}` (under the same lock) on "
+          f"{a['date']}, commit {a['machine']['commit']}, {a['cpsat_seconds']:g} s per plan; load average before {a['load_before']}, "
+          f"after {a['load_after']}; wall time {a['wall_seconds']:.0f} s (the other rows and the batches are unchanged)."
+          for a in data.get("added", [])],
         "",
         f"Hardware profile `{hw_name}` from `benchmarks/sim_params.json`: NVLink {hw.nvlink_bandwidth_gbs:g} GB/s + "
         f"{hw.nvlink_latency_us:g} µs, RDMA {hw.rdma_bandwidth_gbs:g} GB/s + {hw.rdma_latency_us:g} µs per GPU and direction, "
@@ -404,7 +471,9 @@ def render(data: dict, out: Path, stem: str) -> None:
         "",
         "Layouts: `linear` = vLLM's default contiguous blocks; `round_robin` = vLLM's round-robin; `eplb` = DeepSeek EPLB "
         "hierarchical policy without redundant experts; `greedy` = co-activation greedy; `cpsat` = our CP-SAT plan "
-        "(`solve()`, as `moeplace solve`)." + ("" if data["cpsat_available"] else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
+        "(`solve()`, as `moeplace solve`, node_sends objective, the search's plan as found); `step_time` = "
+        "`solve --objective step_time --phase-mix 0.5` (one plan for both batches, as the guard writes it; "
+        "`benchmarks/results/step_time.md` has one plan per phase mix)." + ("" if data["cpsat_available"] else " **`cpsat` is missing: `vllm_moeplace/solver/pipeline.py` was not available when this ran.**"),
         "",
         "## Key results: MoE step time of each layout against vLLM's default (`linear`)",
         "",

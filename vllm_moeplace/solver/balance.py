@@ -19,6 +19,7 @@ from typing import ClassVar, get_args
 
 import numpy as np
 
+from vllm_moeplace import trace_stats
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.solver import allocate
 from vllm_moeplace.solver import budget as B
@@ -46,7 +47,9 @@ class BalanceOutcome:
 @dataclass
 class SolveRun:
     """What every strategy works from: the train trace, the topology, the options, the objective,
-    the clock and the seeded generator (used in layer order, so runs are reproducible)."""
+    the clock and the seeded generator (used in layer order, so runs are reproducible); `search`
+    is the train trace or the token sample the budget can use (`sample`), whose patterns the
+    layers are searched on, while loads and the noise model come from the whole train trace."""
 
     train: Trace
     topology: Topology
@@ -54,12 +57,30 @@ class SolveRun:
     objective: Objective
     budget: B.Budget
     rng: np.random.Generator
+    search: Trace | None = None
+    sampled: bool = False
+    _req: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.search is None:
+            self.search = self.train
+
+    def load(self, l: int) -> np.ndarray | None:
+        """Layer l's expert loads on the whole train trace when the search works on a sample
+        (None: the search's own patterns carry them)."""
+        if not self.sampled:
+            return None
+        return np.bincount(self.train.topk_ids[:, l, :].ravel().astype(np.int64), minlength=self.train.num_experts).astype(np.float64)
 
     def q(self, l: int) -> np.ndarray | None:
         """Layer l's load-risk covariance, when anything will use it."""
         o = self.options
         need = not o.redundant_per_rank or o.balance_risk > 0 or o.copy_placement == "locality"
-        return layer_q(self.train, l, o) if need else None
+        if not need:
+            return None
+        if self._req is None:  # one sort of the request ids per solve, not one per layer
+            self._req = trace_stats.request_index(self.train)
+        return layer_q(self.train, l, o, self._req)
 
 
 class BalanceStrategy:
@@ -87,10 +108,10 @@ class TrainCap(BalanceStrategy):
         for l in range(L):
             per_layer = run.budget.layer(l, L)
             q = run.q(l)
-            res = solve_layer(train, l, run.topology, opt, run.objective, per_layer, run.rng, prev_nodes, q=q)
+            res = solve_layer(run.search, l, run.topology, opt, run.objective, per_layer, run.rng, prev_nodes, q=q, load=run.load(l))
             results.append(res)
             if opt.inter_layer_weight > 0:
-                prev_nodes = token_nodes(train, l, res.layout, run.topology)
+                prev_nodes = token_nodes(run.search, l, res.layout, run.topology)
             if not opt.redundant_per_rank:
                 mean, std = noise_model(train, l, opt, q).imbalance(res.layout)
                 expected.append(mean)
@@ -128,8 +149,8 @@ class ExpectedTarget(BalanceStrategy):
                 break
             cap = caps[int(train.layer_ids[l])]
             res = solve_layer(
-                train, l, topology, opt.model_copy(update={"max_imbalance": cap}), run.objective, per_layer, run.rng, None,
-                with_bound=False, warm=node_assign_of(results[l].layout, topology), q=qs[l],
+                run.search, l, topology, opt.model_copy(update={"max_imbalance": cap}), run.objective, per_layer, run.rng, None,
+                with_bound=False, warm=node_assign_of(results[l].layout, topology), q=qs[l], load=run.load(l),
             )
             imb, sd = grid[l].noise.imbalance(res.layout)
             trial_m, trial_s = list(expected), list(spread)
@@ -156,7 +177,8 @@ def solve_candidates(run: SolveRun, l: int, budget: float, noise: allocate.Noise
     """The layer solved at the caps of allocate.CAP_GRID, each with the mean and std of its
     predicted held-out imbalance; the layer's one lower bound is attached to every candidate (it
     holds for all caps)."""
-    train, topology, opt = run.train, run.topology, run.options
+    train, topology, opt = run.search, run.topology, run.options
+    load = run.load(l)
     bound_time = B.bound_seconds(budget)
     grid = allocate.CAP_GRID
     # Each cap costs a fixed setup (greedy start, repair, one descent) before any search: with a
@@ -177,7 +199,7 @@ def solve_candidates(run: SolveRun, l: int, budget: float, noise: allocate.Noise
             try:
                 res = solve_layer(
                     train, l, topology, opt.model_copy(update={"max_imbalance": cap}), run.objective, each, run.rng, None,
-                    with_bound=False, warm=warm, base=inst, q=q,
+                    with_bound=False, warm=warm, base=inst, q=q, load=load,
                 )
             except SolveError:
                 res = None
@@ -192,9 +214,9 @@ def solve_candidates(run: SolveRun, l: int, budget: float, noise: allocate.Noise
         warm = node_assign_of(res.layout, topology)
     done = [c for c in cands if c is not None]
     if not done:  # every cap is below what the hottest expert forces: say so with its numbers
-        check_balance(inst.expert_load(), topology.ep_size, max(allocate.CAP_GRID), int(train.layer_ids[l]), 0)
+        check_balance(inst.expert_load() if load is None else load, topology.ep_size, max(allocate.CAP_GRID), int(train.layer_ids[l]), 0)
     best = min(done, key=lambda r: r.objective)
-    terms = run.objective.node_terms(topology, inst.expert_load())
+    terms = run.objective.node_terms(topology, inst.expert_load())  # the search's (sample's) scale
     sizes = topology.ranks_per_node * (train.num_experts // topology.ep_size)
     bound = run.objective.lower_bound(terms, BoundInputs(inst, sizes, node_assign_of(best.layout, topology), opt.deterministic, bound_time))
     cands = [None if c is None else replace(c, bound=min(bound, c.objective)) for c in cands]

@@ -24,15 +24,24 @@ import numpy as np
 from vllm_moeplace.solver.instance import LayerInstance
 
 
-def star_lower_bound(inst: LayerInstance, slots_per_unit: int, min_unit_weight: float) -> float:
-    """Lower bound on Σ_p c_p Σ_{u touched} w_u over all partitions into units of <= m slots."""
+def star_lower_bound(inst: LayerInstance, slots_per_unit: int, min_unit_weight: float, deadline: float = np.inf) -> float:
+    """Lower bound on Σ_p c_p Σ_{u touched} w_u over all partitions into units of <= m slots.
+
+    Anytime: past `deadline` the remaining experts get their weakest term C_e / K (a pattern's
+    cost split among at most K members, the most savings can leave), so the sum stays a bound."""
+    import time
+
     k = int(slots_per_unit) - 1
+    K = max(1, inst.top_k)
     total = 0.0
     for e in range(inst.num_experts):
         pe = inst.patterns_of(e)
         if not pe.size:
             continue
         c = inst.counts[pe]
+        if deadline < np.inf and time.monotonic() > deadline:
+            total += c.sum() / K
+            continue
         total += c.sum() - _max_savings_upper(inst.patterns[pe], c, e, k, inst.num_experts)
     return float(min_unit_weight * total)
 

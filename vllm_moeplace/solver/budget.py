@@ -1,8 +1,11 @@
 """How `--time-limit` is spent: the named constants of the budget arithmetic, in one place.
 
-The solve is a loop over layers; each layer gets an equal share of what is left (deterministic
-mode: an equal share of the whole, so the work does not depend on the clock). Inside a layer the
-share is split between the search, the lower bound and (with locality-placed copies) the copies.
+The limit covers the whole solve: its clock (`Budget.t0`) starts before the trace is read when the
+command line runs it. The solve is a loop over layers; each layer gets an equal share of what is
+left (deterministic mode: an equal share of the whole, so the work does not depend on the clock).
+A layer pays its own setup out of its share; the rest is split between the search, the lower
+bound and (with locality-placed copies) the copies. How many tokens the setup may cover is
+`sample`'s decision.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ CPSAT_CALL_MAX_S = 1.0
 ROUND_SLACK_S = 0.02
 # In-node rank repair and descent: a generous clock bound (they finish in milliseconds).
 RANK_SEARCH_S = 5.0
+# The least the node- and rank-level load repairs get when the layer's budget is already spent:
+# balance is a constraint, not a goal. They stop as soon as the caps hold (milliseconds to tenths
+# of a second on an idle 2-core machine at R1 shape); the floor only matters on a busy machine,
+# where 0.1 s left R1 layers 6-11% over the cap (benchmarks/results/solver_scale.md).
+REPAIR_MIN_S = 1.0
 
 
 @dataclass(frozen=True)

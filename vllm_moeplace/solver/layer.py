@@ -69,18 +69,25 @@ def solve_layer(
     warm: np.ndarray | None = None,
     base: LayerInstance | None = None,
     q: np.ndarray | None = None,
+    load: np.ndarray | None = None,
 ) -> LayerResult:
     """Layer index l placed within `budget` seconds at load cap opt.max_imbalance.
 
     prev_nodes: bool [T, N] nodes each token visited at the previous layer (the inter-layer term),
     warm: a node assignment [E] to continue from, base: the layer's patterns if already built,
-    q: its load-risk covariance if already computed."""
+    q: its load-risk covariance if already computed, load: the expert loads the caps are about
+    when `train` is a sample of the train tokens (the whole train's, so balance is exact).
+
+    `budget` covers the whole layer (setup, search, ranks, copies, bound): the search stops early
+    enough for the rest to fit (deterministic mode: fixed work instead)."""
+    t_enter = time.monotonic()
     E, R = train.num_experts, topology.ep_size
     s = E // R
     g = topology.ranks_per_node
     sizes = g * s
     base = LayerInstance.from_trace(train, l) if base is None else base
-    load = base.expert_load()
+    sampled = load is not None
+    load = base.expert_load() if load is None else np.asarray(load, dtype=np.float64)
     origins = objective.origins(topology)  # None: tokens start on a uniform rank
     node_origin = None if origins is None else node_origin_weights(origins, topology)
     # Locality copies price origins per node (uniform inside it): request groups of whole nodes
@@ -95,11 +102,16 @@ def solve_layer(
         # its primaries are balanced on their full load and the copies, chosen for locality,
         # keep the cap by themselves (measured better on DeepSeek-V2-Lite EP16/4).
         copies = copy_counts(load, R * opt.redundant_per_rank, R)
-    bal = load if copies is None else load / copies
-    check_balance(load, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
+    bal = objective.balance_load(l, load) if copies is None else load / copies
+    cap_factor = objective.layer_cap(bal, R, opt.max_imbalance)
+    if cap_factor != opt.max_imbalance:
+        opt = opt.model_copy(update={"max_imbalance": cap_factor})
+    check_balance(load if copies is not None else bal, R, opt.max_imbalance, int(train.layer_ids[l]), opt.redundant_per_rank)
 
     # ---- Step 1 inputs: the objective's terms, the cap, the start ------------------------------
-    terms = objective.node_terms(topology, load)
+    # Cost terms on the scale of the patterns searched (the sample's, if one): `load` may be the
+    # whole train's.
+    terms = objective.node_terms(topology, base.expert_load() if sampled else load)
     inst, pweight = base, None
     own = objective.layer_patterns(train, l, topology)
     if own is not None:  # per-token node weights (request origins); never with the inter-layer term
@@ -136,9 +148,13 @@ def solve_layer(
     # (no partition bound with locality copies: it would not bound the objective with copies)
     bound_time = B.bound_seconds(budget) if with_bound and not locality_copies else 0.0
     copy_time = B.COPY_SHARE * budget if locality_copies else 0.0
-    deadline = time.monotonic() + budget - bound_time - copy_time
+    # The setup above came out of the layer's budget too: the search ends where the budget does,
+    # less the bound's, the copies' and the objective's refinement shares.
+    refine_time = objective.refine_share * budget
+    layer_end = t_enter + budget
+    deadline = layer_end - bound_time - copy_time - refine_time
     det = opt.deterministic
-    search.repair(np.inf if det else deadline)
+    search.repair(np.inf if det else max(deadline, time.monotonic() + B.REPAIR_MIN_S))
     search.descend(np.inf if det else deadline)
     if pweight is not None:
         align_nodes(search, g, cap)
@@ -163,11 +179,20 @@ def solve_layer(
         # the overflow). Experts that fire together drift together; this keeps them apart.
         rank_risk = q * max(1.0, opt.balance_risk) ** 2 if risk is None else risk
         rank_cap = _RANK_CAP_WITH_COPIES
-    layout, rank_imb = place_ranks(inst, node_assign, topology, s, rank_bal, rank_cap, objective.rank_weight(topology), rank_risk, eclass)
+    layout, rank_imb = place_ranks(inst, node_assign, topology, s, rank_bal, rank_cap, objective.rank_weight(topology), rank_risk, eclass,
+                                   deadline=np.inf if det else max(time.monotonic() + B.REPAIR_MIN_S,
+                                                                   layer_end - bound_time - copy_time - refine_time))
+    if objective.refine_share > 0:
+        layout = objective.refine(l, layout, inst, det, refine_time)
+        node_assign = node_assign_of(layout, topology)
+        node_cost = inst.cost(node_assign, w) + (0.0 if lin is None else float(lin[np.arange(E), node_assign].sum()))
+        rank_load = load[layout].sum(axis=1)  # token pairs, as for every objective
+        rank_imb = float(rank_load.max() / rank_load.mean())
 
     # ---- Step 3: copies -------------------------------------------------------------------------
     if locality_copies:
-        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_time, everywhere, q,
+        copy_s = copy_time if det else max(B.MIN_LAYER_S, layer_end - bound_time - time.monotonic())
+        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_s, everywhere, q,
                                                            node_origin)
     elif opt.redundant_per_rank and origins is not None and opt.copy_placement == "locality":
         # request groups inside nodes: copies for the groups' per-rank origins
@@ -181,7 +206,8 @@ def solve_layer(
     if locality_copies:
         bound = 0.0  # the partition bounds are for primaries only; copies go below them
     elif prev_nodes is None and with_bound:
-        bound = objective.lower_bound(terms, BoundInputs(inst, sizes, node_assign, det, bound_time))
+        bound_s = bound_time if det else min(bound_time, max(0.0, layer_end - time.monotonic()))
+        bound = objective.lower_bound(terms, BoundInputs(inst, sizes, node_assign, det, bound_s))
     else:
         bound = objective.trivial_bound(inst, NodeTerms(w, lin))
     return LayerResult(

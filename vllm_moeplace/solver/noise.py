@@ -11,9 +11,10 @@ from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.trace import Trace
 
 
-def layer_q(train: Trace, l: int, opt: SolveOptions) -> np.ndarray:
-    """float [E, E]: one standard deviation of held-out drift, as a covariance (x risk_scale)."""
-    return trace_stats.load_risk(train, l) * (opt.risk_scale or 1.0)
+def layer_q(train: Trace, l: int, opt: SolveOptions, req: np.ndarray | None = None) -> np.ndarray:
+    """float [E, E]: one standard deviation of held-out drift, as a covariance (x risk_scale).
+    req: `trace_stats.request_index(train)`, if already known."""
+    return trace_stats.load_risk(train, l, req) * (opt.risk_scale or 1.0)
 
 
 def noise_model(train: Trace, l: int, opt: SolveOptions, q: np.ndarray | None = None) -> allocate.NoiseModel:

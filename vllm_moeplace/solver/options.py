@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Registered implementations: solver/objectives (OBJECTIVES), solver/balance (BALANCE_STRATEGIES);
 # each registry checks at import that it matches its Literal.
-ObjectiveName = Literal["node_sends", "rank_sends", "hop_cost", "request_node_sends"]
+ObjectiveName = Literal["node_sends", "rank_sends", "hop_cost", "step_time", "request_node_sends"]
 BalanceTarget = Literal["train", "expected"]
 
 
@@ -19,7 +19,9 @@ class SolveOptions(BaseModel):
 
     objective: ObjectiveName = "node_sends"
     """Primary objective. node_sends is always the node-level criterion; rank_sends adds the
-    rank-level term inside nodes, hop_cost adds each expert's mean link cost from all origins."""
+    rank-level term inside nodes, hop_cost adds each expert's mean link cost from all origins;
+    step_time minimises the predicted MoE step time for the phase mix on the hardware (the
+    simulator's time model; docs/solver.md)."""
     inter_layer_weight: float = Field(default=0.0, ge=0.0)
     """Weight of inter_layer_node_sends (nodes a token newly needs at layer l+1); > 0 couples
     layers, which are then solved in order with layer l fixed when placing l+1."""
@@ -66,6 +68,22 @@ class SolveOptions(BaseModel):
     local search bounded by iteration counts instead of the clock."""
     workers: int = Field(default=2, ge=1, le=2)
     """CP-SAT workers per neighbourhood (not deterministic mode, which uses one)."""
+    hardware: str = "h800-deepep"
+    """Hardware of the step-time prediction: a profile of benchmarks/sim_params.json or a JSON file
+    (a parameter file, or one hardware record)."""
+    model_shape: str | None = None
+    """Model sizes of the step-time prediction: a key of benchmarks/sim_params.json's models or a
+    JSON file; default: matched from the trace's model name."""
+    phase_mix: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of prefill steps (0 = decode only, 1 = prefill only); default: measured from the trace
+    (the steps its prefill and decode tokens fill at the batch sizes below)."""
+    prefill_tokens_per_rank: int = Field(default=4096, gt=0, le=1 << 20)
+    """Tokens per EP rank in one prefill step."""
+    decode_tokens_per_rank: int = Field(default=128, gt=0, le=1 << 20)
+    """Tokens per EP rank in one decode step."""
+    keep_plan: bool = False
+    """Write the plan even when it is predicted slower than vLLM's linear layout for the phase mix
+    (default: write the fastest of linear and EPLB instead, and say so)."""
     lns_fraction: float = Field(default=0.4, ge=0.0, le=1.0)
     """Share of each layer's budget spent on CP-SAT re-optimisation of node pairs (the rest on
     perturb-and-descend local search)."""
@@ -76,6 +94,7 @@ CLI_GROUPS: dict[str, tuple[str, ...]] = {
     "core": ("max_imbalance", "time_limit", "redundant_per_rank", "train_fraction", "objective", "copy_placement",
              "preserve_groups", "inter_layer_weight"),
     "balance": ("balance_target", "balance_confidence", "balance_risk", "risk_scale"),
+    "step time": ("hardware", "model_shape", "phase_mix", "prefill_tokens_per_rank", "decode_tokens_per_rank", "keep_plan"),
     "search": ("deterministic", "seed"),
 }
 # Internal: measured defaults that a user has no reason to change (the CP-SAT share of the search,

@@ -3,7 +3,8 @@
 Data in (train split, instance checks, the load-noise scale), then per MoE layer the search of
 `layer.solve_layer` with the chosen objective (`objectives`) under the chosen balance strategy
 (`balance`), each layer's lower bound alongside, and a validated plan out with its provenance
-(`provenance`). The steps of one layer:
+(`provenance`). When the trace has more tokens than the budget can search, the layers are searched
+on a token sample (`sample`), balanced on the whole train trace. The steps of one layer:
 
 Step 1  expert -> node: a weighted set partition over the layer's unique routing patterns
         (`instance`), each node holding exactly (ranks on node x slots) experts under its load
@@ -15,9 +16,13 @@ Step 3  redundant copies, if asked: for locality under the replica rule (`replic
         earlier balance-only placement (`redundancy`).
 Bound   the objective's lower bound per layer (`bounds` for node_sends); the gap in the plan is
         (objective - bound) / objective over all layers.
+Guard   the plan's predicted MoE step time against vLLM's linear layout and EPLB (`guard`): a
+        plan predicted slower than linear for the phase mix is replaced by the faster baseline
+        unless `keep_plan`; the predictions go into the plan's `solver.step_time`.
 
 Layers are independent unless the inter-layer term is on; then they are solved in order, layer
-l+1 seeing layer l fixed. `--time-limit` is shared out by `budget`.
+l+1 seeing layer l fixed. `--time-limit` bounds the whole solve (setup included) and is shared out
+by `budget`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 from vllm_moeplace import trace_stats
 from vllm_moeplace.plan import Plan, Topology, validate_plan
 from vllm_moeplace.solver.balance import BALANCE_STRATEGIES, SolveRun
+from vllm_moeplace.solver import guard
 from vllm_moeplace.solver.budget import Budget
 from vllm_moeplace.solver.layer import LayerResult, SolveError
 from vllm_moeplace.solver.objectives import Objective, get_objective
@@ -37,6 +43,7 @@ from vllm_moeplace.solver.objectives.request_sends import RequestNodeSends
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.provenance import OVERFLOW_WARNING, SolveReport
 from vllm_moeplace.solver.request_groups import RequestGroupOptions, fit_request_routing
+from vllm_moeplace.solver.sample import STATIC_S_PER_PAIR, TokenSample, choose_sample
 from vllm_moeplace.trace import Trace
 
 __all__ = ["LayerResult", "SolveError", "check_instance", "solve"]
@@ -50,19 +57,32 @@ def solve(
     model_name: str = "unknown",
     trace_path: str | None = None,
     request_groups: RequestGroupOptions | None = None,
+    started: float | None = None,
 ) -> Plan:
     """A validated plan for every MoE layer of `trace` (trained on options.train_fraction of it).
 
     request_groups: also group the requests and route them (`request_groups`); the objective is
-    then request_node_sends and the plan carries a request_routing section."""
-    t0 = time.monotonic()
+    then request_node_sends and the plan carries a request_routing section.
+    started: the time.monotonic() at which options.time_limit began (the command line passes
+    its own start, so loading the trace counts too); default now."""
+    t0 = time.monotonic() if started is None else started
     # ---- data in ------------------------------------------------------------------------------
     E, R = trace.num_experts, topology.ep_size
     check_instance(E, topology, options)
     train = trace if options.train_fraction >= 1.0 else trace.split_by_request(options.train_fraction)[0]
+    budget = Budget(t0, options.time_limit, options.deterministic)
+    # The patterns the budget can use: a token sample when the trace is larger (`sample`).
+    if request_groups is None:
+        sample = choose_sample(train, budget.layer(0, train.num_layers), topology.num_nodes, options.deterministic, options.seed)
+    else:  # the request objective indexes every train token (its group): no token sample
+        sample = TokenSample(None, train.num_tokens, STATIC_S_PER_PAIR, False)
+    search = sample.trace(train)
     if options.risk_scale is None and not options.redundant_per_rank:
-        # Resolved once, and recorded in the plan's options so a re-run reproduces it.
-        options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(train, E // R, seed=options.seed)})
+        # Resolved once, and recorded in the plan's options so a re-run reproduces it (measured
+        # on the sample when there is one: it is a ratio, and it reads every layer of its trace).
+        options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(search, E // R, seed=options.seed)})
+    # The step model is resolved before any search, so a bad --hardware / --model-shape fails first.
+    step = guard.resolve(train, topology, options, required=options.objective == "step_time")
     grouping = None
     if request_groups is not None:
         check_request_groups(options)
@@ -72,26 +92,37 @@ def solve(
     elif options.objective == "request_node_sends":
         raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")
     else:
-        objective = get_objective(options.objective)
-    run = SolveRun(train, topology, options, objective, Budget(t0, options.time_limit, options.deterministic),
-                   np.random.default_rng(options.seed))
+        objective = get_objective(options.objective, train=search, topology=topology, options=options, step_model=step.model)
+    run = SolveRun(train, topology, options, objective, budget, np.random.default_rng(options.seed),
+                   search=search, sampled=sample.tokens is not None)
 
     # ---- per-layer search under the balance strategy (bounds included) -------------------------
     outcome = BALANCE_STRATEGIES[options.balance_target]().run(run)
 
     # ---- plan out -----------------------------------------------------------------------------
     report = SolveReport(options, objective.metric, outcome, train.num_tokens, train.num_layers, R, trace_path,
-                         time.monotonic() - t0)
+                         time.monotonic() - t0, sample if sample.tokens is not None else None)
     if report.overflow:
         warnings.warn(OVERFLOW_WARNING, stacklevel=2)
+    layers = {int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)}
+
+    # ---- guard: never slower than the default (predicted) -------------------------------------
+    checked = guard.check(layers, trace, train, topology, options, step)
+    if checked.warning:
+        warnings.warn(checked.warning, stacklevel=2)
+    solver = report.to_json()
+    solver["step_time"] = checked.record
+    extra = objective.report()
+    if extra is not None:
+        solver["objective_report"] = extra
     plan = Plan(
         model_name=model_name,
         num_experts=E,
         moe_layers=[int(x) for x in trace.layer_ids],
         ep_size=R,
         topology=topology,
-        layers={int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)},
-        solver=report.to_json(),
+        layers=checked.layers,
+        solver=solver,
         request_routing=None if grouping is None else grouping.routing,
     )
     if grouping is not None:

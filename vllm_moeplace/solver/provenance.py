@@ -10,6 +10,7 @@ import numpy as np
 
 from vllm_moeplace.solver.balance import BalanceOutcome
 from vllm_moeplace.solver.options import SolveOptions
+from vllm_moeplace.solver.sample import TokenSample
 
 METHOD = (
     "expert->node partition over aggregated patterns: load-capped co-activation greedy, exact-delta swaps, "
@@ -33,6 +34,7 @@ class SolveReport:
     ep_size: int
     trace_path: str | None
     seconds: float
+    sample: TokenSample | None = None  # the token sample searched, when not the whole train trace
 
     @property
     def overflow(self) -> bool:
@@ -42,8 +44,10 @@ class SolveReport:
         o, res = self.options, self.outcome.results
         obj = sum(r.objective for r in res)
         bound = sum(r.bound for r in res)
-        # Per token, origin and layer: the scaled sums are x R over all train tokens of all layers.
-        denom = float(self.train_tokens * self.num_layers * self.ep_size) or 1.0
+        # Per token, origin and layer: the scaled sums are x R over all searched tokens (train, or
+        # its sample) of all layers.
+        searched = self.train_tokens if self.sample is None else self.sample.size
+        denom = float(searched * self.num_layers * self.ep_size) or 1.0
         gap = (obj - bound) / obj if obj > 0 else 0.0
         expected = self.outcome.expected
         out: dict[str, Any] = {
@@ -83,6 +87,9 @@ class SolveReport:
             "seed": o.seed,
             "time_s": self.seconds,
         }
+        if self.sample is not None:
+            # objective, bound and gap are then on the sample (loads and balance on all of train).
+            out["sample"] = self.sample.to_json()
         if self.overflow:
             out["warning"] = OVERFLOW_WARNING
         return out

@@ -24,11 +24,13 @@ def place_ranks(
     rank_weight: np.ndarray | None,
     risk: np.ndarray | None = None,
     eclass: np.ndarray | None = None,
+    deadline: float = np.inf,
 ) -> tuple[np.ndarray, float]:
     """(layout int64 [R, s], train rank imbalance). cap_factor: rank cap as a multiple of the mean
     rank load. rank_weight: the objective's per-rank token cost (None: balance only). eclass
     (group-preserving mode): expert groups; every rank then gets exactly as many experts of each
-    group as its slots p = r * s + j belong to, in slot order."""
+    group as its slots p = r * s + j belong to, in slot order. deadline: when the in-node search
+    stops at the latest (a time.monotonic() value)."""
     R = topology.ep_size
     layout = np.zeros((R, s), dtype=np.int64)
     for n, ranks in enumerate(topology.nodes):
@@ -42,10 +44,13 @@ def place_ranks(
             rank_of[layout[r]] = r
         cap = np.full(R, load.sum() / R * cap_factor)
         rw = np.zeros(R) if rank_weight is None else rank_weight
-        search = SwapSearch(inst, rank_of, rw, cap, unit_group=topology.node_of_rank, load=load, risk=risk, expert_class=eclass)
-        search.repair(time.monotonic() + RANK_SEARCH_S)
+        # Balance only (no rank weight): every swap costs 0, so the patterns change no decision;
+        # an instance without them makes the same swaps without P x R counts per repair step.
+        pats = inst if rank_weight is not None else LayerInstance(inst.patterns[:0], inst.counts[:0], inst.num_experts)
+        search = SwapSearch(pats, rank_of, rw, cap, unit_group=topology.node_of_rank, load=load, risk=risk, expert_class=eclass)
+        search.repair(min(deadline, time.monotonic() + RANK_SEARCH_S))
         if rank_weight is not None:
-            search.descend(time.monotonic() + RANK_SEARCH_S)
+            search.descend(min(deadline, time.monotonic() + RANK_SEARCH_S))
         for r in range(R):
             on = np.flatnonzero(search.a == r)
             # slot order = group order: slot j of rank r belongs to group (r*s + j) // group size

@@ -14,6 +14,10 @@ search itself, so an objective supplies only them:
   experts and uses the same w and lin as its coefficients;
 - the reported lower bound is the objective's own (`lower_bound`), or the trivial one.
 
+An objective may also say what the load caps balance (`balance_load`, `layer_cap`: default the
+token pairs at max_imbalance) and refine the layer's layout after the search (`refine`, with
+`refine_share` of the layer's budget; step_time re-scores candidates with the simulator there).
+
 Inside a node, which rank holds an expert changes no node term; `rank_weight` says whether the
 objective also prices ranks (a token touching rank r costs rank_weight[r]) or leaves the ranks to
 balance alone. An objective that cannot be written in this shape needs a new search, not a new
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -59,6 +63,12 @@ class Objective(ABC):
     # The `Metrics` field (vllm_moeplace.metrics) this objective is scored by.
     metric: ClassVar[str]
 
+    @classmethod
+    def create(cls, **context: Any) -> "Objective":
+        """Build the objective for one solve. context: train (Trace), topology, options
+        (SolveOptions), step_model (sim.predict.StepModel or None). Default: needs none of it."""
+        return cls()
+
     @abstractmethod
     def node_terms(self, topology: Topology, load: np.ndarray) -> NodeTerms:
         """The node-level cost terms of one layer. load: float64 [E] (token, expert) pairs."""
@@ -72,6 +82,28 @@ class Objective(ABC):
     def origins(self, topology: Topology) -> np.ndarray | None:
         """float [R, T_train]: probability that train token t starts on rank o, or None: uniform
         over all ranks (every objective but request_node_sends)."""
+        return None
+
+    # Share of each layer's budget kept for `refine` (0: no refinement).
+    refine_share: ClassVar[float] = 0.0
+
+    def balance_load(self, l: int, load: np.ndarray) -> np.ndarray:
+        """float [E]: what the node and rank load caps of layer index l are about (default: the
+        (token, expert) pairs themselves)."""
+        return load
+
+    def layer_cap(self, bal: np.ndarray, ep_size: int, cap: float) -> float:
+        """The cap factor for a layer whose balance load is `bal` (default: max_imbalance as given;
+        a cap below what the hottest expert forces is then an error)."""
+        return cap
+
+    def refine(self, l: int, layout: np.ndarray, inst: LayerInstance, deterministic: bool, seconds: float) -> np.ndarray:
+        """The layer's final layout [R, S] after Steps 1-2 (default: unchanged). May move experts
+        across nodes; the node-level objective is then re-scored on the result."""
+        return layout
+
+    def report(self) -> dict[str, Any] | None:
+        """What the objective adds to the plan's `solver` section (default: nothing)."""
         return None
 
     def rank_weight(self, topology: Topology) -> np.ndarray | None:

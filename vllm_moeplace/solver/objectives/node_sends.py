@@ -3,6 +3,7 @@ the origin uniform over ranks: Σ_{n touched} (R - g_n) / R per token. Ranks: ba
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar
 
 import numpy as np
@@ -13,6 +14,8 @@ from vllm_moeplace.solver.objectives.base import BoundInputs, NodeTerms, Objecti
 
 # Deterministic mode: a fixed number of Frank-Wolfe steps instead of a time budget.
 _FW_ITERS_DET = 10
+# Otherwise: share of the bound's seconds for the star bound (the rest for Frank-Wolfe).
+_STAR_SHARE = 0.5
 
 
 class NodeSends(Objective):
@@ -28,6 +31,11 @@ class NodeSends(Objective):
         inst, w_min, m = inputs.inst, float(terms.unit_weight.min()), int(inputs.sizes.max())
         if inputs.deterministic:
             fw = pair_relaxation_bound(inst, m, inputs.node_assign, w_min, 1e9, max_iters=_FW_ITERS_DET)
+            star = star_lower_bound(inst, m, w_min)
         else:
-            fw = pair_relaxation_bound(inst, m, inputs.node_assign, w_min, inputs.seconds)
-        return max(self.trivial_bound(inst, terms), star_lower_bound(inst, m, w_min), fw)
+            # Both bounds share the seconds: the star bound is anytime (weakest terms past its
+            # deadline), Frank-Wolfe stops at its own.
+            t0 = time.monotonic()
+            star = star_lower_bound(inst, m, w_min, deadline=t0 + _STAR_SHARE * inputs.seconds)
+            fw = pair_relaxation_bound(inst, m, inputs.node_assign, w_min, max(0.0, t0 + inputs.seconds - time.monotonic()))
+        return max(self.trivial_bound(inst, terms), star, fw)
