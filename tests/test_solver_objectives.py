@@ -12,6 +12,7 @@ from vllm_moeplace.plan import Topology
 from vllm_moeplace.solver.balance import BALANCE_STRATEGIES
 from vllm_moeplace.solver.instance import LayerInstance
 from vllm_moeplace.solver.objectives import OBJECTIVES, BoundInputs, get_objective
+from vllm_moeplace.solver.objectives.step_time import StepTimeError
 from vllm_moeplace.solver.options import BalanceTarget, ObjectiveName, SolveOptions
 
 # Two nodes of 2 ranks, 8 experts (2 per rank); two patterns, each inside one node of the linear layout.
@@ -25,6 +26,9 @@ def test_registries_match_the_options_literals():
     assert set(BALANCE_STRATEGIES) == set(get_args(BalanceTarget))
     for name in OBJECTIVES:
         assert OBJECTIVES[name].name == name
+        if name == "step_time":  # built from the solve's step model (hardware, model shape): none, a clear error
+            with pytest.raises(StepTimeError, match="step model"):
+                get_objective(name)
         SolveOptions(objective=name)  # every registered name is accepted by the options
     # objectives that need no solve context are built by name alone
     for name in ("node_sends", "rank_sends", "hop_cost"):

@@ -262,6 +262,23 @@ def findings_section(rows: list[Row], hw: str, params: SimParams) -> str:
             f"- Sensitivity, DeepSeek-V2-Lite EP16/4 prefill, `{ours}` vs `linear`: {txt}. A 3x faster NVLink changes "
             "nothing while RDMA is the bottleneck (the two overlap); without per-node aggregation every remote *rank* "
             "costs an RDMA message, the step is slower, and co-location still pays.")
+    parts = []
+    for trace, ep, n, batches in ((ds, 8, 2, ("prefill", "decode")), (ds, 16, 4, ("prefill", "decode")), (ds, 32, 8, ("prefill", "decode")),
+                                  ("llama4_mmlu_algebra", 8, 2, ("prefill-phase", "decode-phase")),
+                                  ("llama4_mmlu_algebra", 16, 4, ("prefill-phase", "decode-phase"))):
+        cells = []
+        for batch in batches:
+            b = _by(rows, trace, ep, n, batch, hw)
+            if {"step_time", "linear", ours} <= set(b):
+                cells.append(f"{batch.split('-')[0]} {_chg(b['step_time'].total_ms, b['linear'].total_ms)} "
+                             f"(`{ours}` {_chg(b[ours].total_ms, b['linear'].total_ms)})")
+        if cells:
+            parts.append(f"{'DeepSeek-V2-Lite' if trace == ds else 'Llama-4'} EP{ep}/{n}: " + ", ".join(cells))
+    if parts:
+        out.append("- `step_time` (one 50/50 plan) vs `linear`: " + "; ".join(parts) + ". It is the only layout here that is "
+                   "faster than linear in both phases on Llama-4: it balances each expert's expected compute in the mix "
+                   "(decode: the probability it is active in a step) and re-scores candidates with this simulator "
+                   "(docs/solver.md, \"Step time\").")
     out.append("")
     return "\n".join(out)
 

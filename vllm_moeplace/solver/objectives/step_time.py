@@ -89,8 +89,8 @@ class StepTime(Objective):
 
     @classmethod
     def create(cls, **context: Any) -> "StepTime":
-        options, model = context["options"], context.get("step_model")
-        if model is None:
+        options, model = context.get("options"), context.get("step_model")
+        if model is None or options is None:
             raise StepTimeError("--objective step_time needs a step model (--hardware and --model-shape)")
         refused = [(options.redundant_per_rank > 0, "--redundant-per-rank"), (options.preserve_groups > 1, "--preserve-groups"),
                    (options.inter_layer_weight > 0, "--inter-layer-weight"), (options.balance_target != "train", "--balance-target expected")]
