@@ -3,6 +3,8 @@ nodes), `moeplace solve --time-limit 120` on 50k ... 1M synthetic train tokens, 
 the same held-out requests.
 
     python benchmarks/solver_scale_tokens.py prepare --dir /tmp/r1tokens
+    python benchmarks/solver_scale_tokens.py calibrate --dir /tmp/r1tokens --tokens 400k   # sample.py constants
+    python benchmarks/solver_scale_tokens.py sample-effect --dir /tmp/r1tokens --tokens 400k
     flock /tmp/moeplace-heavy.lock python benchmarks/solver_scale_tokens.py run --dir /tmp/r1tokens \
         [--tokens 50k,100k,200k,400k,1M] [--code /path/to/other/checkout --label before]
 
@@ -137,6 +139,40 @@ def sample_effect(d: Path, name: str, sizes: list[int], layers: int, seconds_per
     return rows
 
 
+def calibrate(d: Path, name: str) -> None:
+    """The constants of `solver/sample.py`, in CPU seconds (so a busy machine does not bias them):
+    the probe's cost per (token, expert) pair, and one layer's setup (solve_layer with no search
+    time) on 20k / 50k / 100k-token samples of the `name` train trace."""
+    import time
+
+    import numpy as np
+
+    from vllm_moeplace.plan import Topology
+    from vllm_moeplace.solver import sample as S
+    from vllm_moeplace.solver.layer import solve_layer
+    from vllm_moeplace.solver.noise import layer_q
+    from vllm_moeplace.solver.objectives import get_objective
+    from vllm_moeplace.solver.options import SolveOptions
+    from vllm_moeplace.trace import load_trace
+
+    tr = load_trace(d / f"train_{name}.npz")
+    topo, opt = Topology.uniform(EP, EP // PER_NODE), SolveOptions(risk_scale=1.0)
+    order = np.random.default_rng(0).permutation(tr.num_tokens)
+    for n in (20_000, 50_000, 100_000):
+        idx = np.sort(order[:n])
+        c = time.process_time()
+        S.probe_s_per_pair(tr, idx[: S.PROBE_TOKENS], topo.num_nodes)
+        u = (time.process_time() - c) / (S.PROBE_TOKENS * tr.top_k)
+        sub, setup = tr.select_tokens(idx), []
+        for l in (1, 2):
+            load = np.bincount(tr.topk_ids[:, l, :].ravel().astype(np.int64), minlength=tr.num_experts).astype(float)
+            q = layer_q(tr, l, opt)
+            c = time.process_time()
+            solve_layer(sub, l, topo, opt, get_objective("node_sends"), 0.05, np.random.default_rng(0), q=q, load=load)
+            setup.append(time.process_time() - c)
+        print(json.dumps({"sample": n, "probe_cpu_s_per_pair": u, "setup_cpu_s": float(np.mean(setup))}), flush=True)
+
+
 def _row_md(r: dict) -> str:
     smp = r["sample"]
     sample = f"{smp['tokens']} ({100 * smp['share']:.0f}%)" if smp else "all"
@@ -172,7 +208,7 @@ def write(rows: list[dict], command: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["prepare", "run", "render", "sample-effect"])
+    ap.add_argument("mode", choices=["prepare", "run", "render", "sample-effect", "calibrate"])
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--tokens", default=",".join(SIZES))
     ap.add_argument("--time-limit", type=float, default=120.0)
@@ -187,6 +223,9 @@ def main() -> int:
         return 0
     if a.mode == "sample-effect":  # printed only; the results file quotes it
         sample_effect(a.dir, a.tokens, [20_000, 50_000, 100_000, 200_000], layers=6, seconds_per_layer=2.0)
+        return 0
+    if a.mode == "calibrate":  # printed only; sample.py's comments quote it
+        calibrate(a.dir, a.tokens)
         return 0
     if a.mode == "render":  # the table again from rows printed by earlier runs
         rows = [json.loads(l) for l in a.rows.read_text().splitlines() if l.startswith("{")]

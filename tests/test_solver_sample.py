@@ -81,7 +81,8 @@ def test_choose_sample_keeps_small_traces_whole_and_is_reproducible():
 
 def test_star_bound_is_anytime():
     ids = _random_ids(2000, 16, 4, seed=5, hot=10)
-    inst = LayerInstance(*trace_stats.count_patterns(ids, 16)[:1], trace_stats.count_patterns(ids, 16)[1].astype(float), 16)
+    pats, counts = trace_stats.count_patterns(ids, 16)
+    inst = LayerInstance(pats, counts.astype(float), 16)
     full = star_lower_bound(inst, 4, 2.0)
     # Past its deadline every expert gets C_e / K: the sum is the one-node-per-pattern bound.
     assert star_lower_bound(inst, 4, 2.0, deadline=0.0) == pytest.approx(2.0 * inst.total)

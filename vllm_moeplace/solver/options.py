@@ -50,7 +50,10 @@ class SolveOptions(BaseModel):
     group routing stays intact. No redundant copies in this mode (the extra slots p >= E belong
     to no group). 0: placed freely."""
     time_limit: float = Field(default=60.0, gt=0.0)
-    """Total wall-clock budget of the search, split evenly over the layers."""
+    """Wall-clock seconds for the whole solve (reading the trace, per-layer setup, search, bounds,
+    writing the plan), shared over the layers; a trace longer than this can search is searched on
+    a token sample (balance still on every token). With deterministic: the amount of work, not a
+    wall-clock bound."""
     train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     """Plan from the first fraction of requests; the rest is held out for the report."""
     balance_risk: float = Field(default=0.0, ge=0.0)

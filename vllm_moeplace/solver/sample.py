@@ -30,7 +30,8 @@ from vllm_moeplace.solver.instance import LayerInstance
 from vllm_moeplace.trace import Trace
 
 # Share of a layer's budget the sample's setup may take (the search gets the rest, less the
-# bound's share): measured on the R1 shape (benchmarks/results/solver_scale.md, tokens sweep).
+# bound's quarter). Chosen, not tuned: at R1 shape the search after the warm start changes the
+# train objective by < 0.5% (solver_scale.md), while 20k -> 100k sample tokens is 0.35% held-out.
 SETUP_SHARE = 0.4
 # No sample below this many tokens (the co-activation estimate gets noisy; at R1 shape 20k
 # tokens are about 600 (token, expert) pairs per expert).
@@ -38,7 +39,7 @@ MIN_TOKENS = 20_000
 # Deterministic mode: never sample traces up to this size (keeps the shared traces' plans).
 DET_MIN_TOKENS = 100_000
 # The probe's CPU seconds per pair on an idle core of this project's 2-core machine (AMD EPYC) at
-# R1 shape: 2.8-3.1e-7 (benchmarks/results/solver_scale.md); deterministic mode's `u`.
+# R1 shape: 2.8-3.1e-7 (`benchmarks/solver_scale_tokens.py calibrate`); deterministic mode's `u`.
 STATIC_S_PER_PAIR = 3.0e-7
 PROBE_TOKENS = 10_000
 # One layer's setup (solve_layer with no search time, CPU seconds) over the probe's per-pair cost,
