@@ -24,6 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, command, commit, loadavg, machine  # noqa: E402
 
 
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
 def moeplace(*args: str) -> None:
     print("$ moeplace " + " ".join(args), flush=True)
     from vllm_moeplace.bench.server import CPU_ENV
@@ -38,11 +42,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per layout (moeplace bench --rounds)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     from vllm_moeplace.tiny_model import default_prompts
 
-    t0, load0 = time.perf_counter(), loadavg()
+    t0, load0, up0 = time.perf_counter(), loadavg(), uptime()
     with tempfile.TemporaryDirectory(prefix="moeplace-serve-bench-") as d:
         d = Path(d)
         model, prompts = d / "model", d / "prompts.jsonl"
@@ -57,13 +62,18 @@ def main() -> int:
                  "--out", str(d / "random.json"))
         moeplace("bench", str(model), "--plan", str(d / "solved.json"), "--plan", str(d / "random.json"),
                  "--prompts", str(prompts), "--max-tokens", str(args.max_tokens), "--concurrency",
-                 str(args.concurrency), "--repeat", str(args.repeat), "--out", str(d / "bench"))
+                 str(args.concurrency), "--repeat", str(args.repeat), "--rounds", str(args.rounds), "--out", str(d / "bench"))
         report = (d / "bench" / "serving_report.md").read_text()
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copy(d / "bench" / "serving_results.json", args.out / "serving.json")
+        # per-request timings of every run: the data behind the TTFT explanation on the page
+        shutil.copy(d / "bench" / "serving_requests.json", args.out / "serving_requests.json")
     header = (
         f"Command: `flock /tmp/moeplace-heavy.lock {command()}` (commit {commit()}, {time.perf_counter() - t0:.0f} s)\n\n"
         f"Machine: {machine()}; load average before {load0}, after {loadavg()}.\n\n"
+        f"`uptime` before: `{up0}`; after: `{uptime()}`. The machine is shared with other jobs (2 cores), so "
+        "timings move between runs of the same layout; a difference inside the min-max spread over rounds "
+        "is no difference.\n\n"
         "Layouts: `default` = vLLM's linear layout (with only the CPU EP kernel fix); `plan0:solved` = "
         "`moeplace solve` on a trace profiled from the same model and prompts (first half of requests); "
         "`plan1:random` = a seeded random permutation.\n\n"
