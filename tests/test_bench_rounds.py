@@ -200,3 +200,15 @@ def test_run_layout_sends_warmup_before_capture_and_times_only_the_measured_load
     sb.run_layout("m", sb.LayoutSpec("default", None), ["a", "b"], max_tokens=2, concurrency=2, out_dir=tmp_path,
                   warmup=0)
     assert [c[0] for c in calls].count("load") == 1  # no warm-up at all when asked for none
+
+
+@pytest.mark.parametrize("flag,value", [("--rounds", "0"), ("--warmup", "-1")])
+def test_bad_rounds_or_warmup_refused_before_any_server(tmp_path, flag, value):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "vllm_moeplace", "bench", str(tmp_path), flag, value, "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"{flag} must be >= " in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

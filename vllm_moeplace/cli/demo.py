@@ -126,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
         "```",
         "",
         serving.replace("# Serving benchmark", "## Serving benchmark", 1),
+        "The demo serves each layout once (`--rounds 1`) to stay short, so its timings are one run each, not a "
+        "comparison: single runs here differ by more than the layouts do. The timing comparison is the "
+        "benchmark's interleaved protocol (3 rounds, warm-up excluded, median [min-max]): "
+        "benchmarks/results/serving.md. The token, routing and traffic checks above hold exactly in every run.",
+        "",
         *real_section,
         "",
     ]
