@@ -212,3 +212,17 @@ def test_bad_rounds_or_warmup_refused_before_any_server(tmp_path, flag, value):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and f"{flag} must be >= " in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_report_states_traffic_that_moves_between_rounds():
+    agg = sb.aggregate_rounds([_entry(1, 1), _entry(1, 1, traffic={"node_sends": 0.6, "rank_load": [1, 2]})])
+    res = {"model": "m", "prompts": 1, "max_tokens": 1, "concurrency": 1, "virtual_topology": [[0], [1]],
+           "rounds": 2, "warmup_requests": 1, "order": [], "layouts": {"default": agg}, "default_rounds_identical": True}
+    for i, x in enumerate(agg["rounds"]):
+        x.update(round=i, position=i)
+    report = sb.render_report(res)
+    assert "Traffic columns are round 0's" in report and "default: node_sends 0.5000-0.6000" in report
+    agg_same = sb.aggregate_rounds([_entry(1, 1), _entry(1, 1)])
+    for i, x in enumerate(agg_same["rounds"]):
+        x.update(round=i, position=i)
+    assert "Traffic columns are round 0's" not in sb.render_report({**res, "layouts": {"default": agg_same}})

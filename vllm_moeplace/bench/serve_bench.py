@@ -454,6 +454,15 @@ def render_report(r: dict) -> str:
             f"{'reference' if x['routing_identical_fraction'] is None else format(x['routing_identical_fraction'], '.4f')} | max rel. err {err:.2e} | {x.get('mechanism', 'permute')} | "
             f"{'-' if x.get('replica_rule_honoured') is None else format(x['replica_rule_honoured'], '.4f')} |"
         )
+    moved = [n for n, x in lay.items() if x.get("traffic_identical_across_rounds") is False]
+    if moved:
+        ranges = "; ".join(
+            f"{n}: node_sends {min(x['traffic']['node_sends'] for x in lay[n]['rounds']):.4f}-"
+            f"{max(x['traffic']['node_sends'] for x in lay[n]['rounds']):.4f}" for n in moved)
+        lines += ["", "Traffic columns are round 0's. Layouts served by the mapping mechanism count each token from "
+                  "its virtual origin (its batch row), which depends on how that run batched the requests, so "
+                  f"their counts move between rounds ({ranges}); in every round the count equals `moeplace "
+                  "evaluate` at the same origins."]
     if r.get("rounds", 1) > 1:
         lines += ["", "Every run, in served order:", "",
                   "| # | round | layout | tok/s | TTFT p50 ms | TPOT p50 ms | TTFT p99 ms | startup s | prefix-cache hits |",
