@@ -51,7 +51,7 @@ def test_spread_and_overlap():
 def _entry(tput, ttft, same=True, agree=True, rule=None, traffic=None):
     return {"plan": "p", "startup_s": 30.0, "requests": 4, "output_tokens": 40, "wall_s": 1.0,
             "throughput_tok_s": tput, "ttft_p50_ms": ttft, "ttft_p99_ms": 2 * ttft, "tpot_p50_ms": 3.0,
-            "tpot_p99_ms": 4.0, "traffic": traffic or {"node_sends": 0.5, "rank_load": [1, 2]},
+            "tpot_p99_ms": 4.0, "traffic": {"node_sends": 0.5, "rank_sends": 0.5, "imbalance": 1.0, "rank_load": [1, 2], **(traffic or {})},
             "evaluate": {}, "agreement_rel_err": {"node_sends": 0.0 if agree else 0.5},
             "agrees_within_1pct": agree, "tokens_identical_to_default": same,
             "routing_identical_fraction": 1.0 if same else 0.9, "mechanism": "permute",
