@@ -55,6 +55,15 @@ class LoadResult:
             "tpot_p99_ms": float(np.percentile(tpot, 99) * 1e3),
         }
 
+    def per_request(self) -> list[dict[str, float]]:
+        """Every request's timing (ms, times relative to the first request sent), for diagnosis."""
+        t0 = min((r.sent for r in self.requests), default=0.0)
+        return [
+            {"index": r.index, "sent_ms": round((r.sent - t0) * 1e3, 2), "ttft_ms": round(r.ttft * 1e3, 2),
+             "tpot_ms": round(r.tpot * 1e3, 3), "done_ms": round((r.done - t0) * 1e3, 2)}
+            for r in self.requests
+        ]
+
 
 def _stream_one(host: str, port: int, model: str, index: int, prompt: str, max_tokens: int, timeout: float) -> RequestResult:
     body = json.dumps({
