@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -71,11 +72,7 @@ def solve(
     check_instance(E, topology, options)
     train = trace if options.train_fraction >= 1.0 else trace.split_by_request(options.train_fraction)[0]
     budget = Budget(t0, options.time_limit, options.deterministic)
-    # The patterns the budget can use: a token sample when the trace is larger (`sample`).
-    if request_groups is None:
-        sample = choose_sample(train, budget.layer(0, train.num_layers), topology.num_nodes, options.deterministic, options.seed)
-    else:  # the request objective indexes every train token (its group): no token sample
-        sample = TokenSample(None, train.num_tokens, STATIC_S_PER_PAIR, False)
+    sample = _token_sample(train, budget, topology, options, request_groups is not None)
     search = sample.trace(train)
     if options.risk_scale is None and not options.redundant_per_rank:
         # Resolved once, and recorded in the plan's options so a re-run reproduces it (measured
@@ -83,16 +80,7 @@ def solve(
         options = options.model_copy(update={"risk_scale": trace_stats.risk_calibration(search, E // R, seed=options.seed)})
     # The step model is resolved before any search, so a bad --hardware / --model-shape fails first.
     step = guard.resolve(train, topology, options, required=options.objective == "step_time")
-    grouping = None
-    if request_groups is not None:
-        check_request_groups(options)
-        options = options.model_copy(update={"objective": "request_node_sends"})
-        grouping = fit_request_routing(train, topology, request_groups, seed=options.seed)
-        objective: Objective = RequestNodeSends(grouping.token_group, grouping.routing.group_ranks, topology.node_of_rank)
-    elif options.objective == "request_node_sends":
-        raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")
-    else:
-        objective = get_objective(options.objective, train=search, topology=topology, options=options, step_model=step.model)
+    options, objective, grouping = _objective(options, train, search, topology, step, request_groups)
     run = SolveRun(train, topology, options, objective, budget, np.random.default_rng(options.seed),
                    search=search, sampled=sample.tokens is not None)
 
@@ -132,6 +120,29 @@ def solve(
         }
     validate_plan(plan)
     return plan
+
+
+def _token_sample(train: Trace, budget: Budget, topology: Topology, options: SolveOptions, per_token_objective: bool) -> TokenSample:
+    """The train tokens the search works on: a sample when the trace is larger than the budget can
+    use (`sample`); all of them for an objective that indexes every train token (request groups)."""
+    if per_token_objective:
+        return TokenSample(None, train.num_tokens, STATIC_S_PER_PAIR, False)
+    return choose_sample(train, budget.layer(0, train.num_layers), topology.num_nodes, options.deterministic, options.seed)
+
+
+def _objective(options: SolveOptions, train: Trace, search: Trace, topology: Topology, step: guard.Resolved,
+               request_groups: RequestGroupOptions | None) -> tuple[SolveOptions, Objective, Any]:
+    """The objective part the search is given (and, with request groups, the fitted grouping whose
+    origins it prices; the options then name request_node_sends)."""
+    if request_groups is not None:
+        check_request_groups(options)
+        grouping = fit_request_routing(train, topology, request_groups, seed=options.seed)
+        objective = RequestNodeSends(grouping.token_group, grouping.routing.group_ranks, topology.node_of_rank)
+        return options.model_copy(update={"objective": "request_node_sends"}), objective, grouping
+    if options.objective == "request_node_sends":
+        raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")
+    objective = get_objective(options.objective, train=search, topology=topology, options=options, step_model=step.model)
+    return options, objective, None
 
 
 def check_request_groups(options: SolveOptions) -> None:
