@@ -193,15 +193,27 @@ def group_ranks(nodes: list[list[int]], num_groups: int) -> tuple[tuple[int, ...
 # ---- signatures ---------------------------------------------------------------------------------
 
 
-def signatures(trace: Trace, layers: tuple[int, ...] | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def signatures(trace: Trace, layers: tuple[int, ...] | list[int],
+               prefix_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(request ids [n] ascending, signatures float64 [n, len(layers) * E], ok bool [n]).
 
     Rows of requests with no prefill token are zero and ok is False (their signature cannot be
-    computed). Only prefill tokens are read: never a request's decode routing."""
+    computed). Only prefill tokens are read: never a request's decode routing. prefix_tokens > 0
+    keeps each request's first prefill tokens only (in trace order), the cheaper signature a router
+    can compute at arrival from a short prefill of the prompt's start."""
     E = trace.num_experts
     reqs = np.unique(trace.request_ids)
     cols = [trace.layer_index(x) for x in layers]
-    pre = trace.is_prefill
+    pre = trace.is_prefill.copy()
+    if prefix_tokens > 0:
+        idx = np.flatnonzero(pre)
+        rid = trace.request_ids[idx]
+        order = np.argsort(rid, kind="stable")  # trace order within each request
+        first = np.r_[0, np.flatnonzero(np.diff(rid[order])) + 1]
+        rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+        keep = np.zeros(len(idx), dtype=bool)
+        keep[order] = rank < prefix_tokens
+        pre[idx[~keep]] = False
     row = np.searchsorted(reqs, trace.request_ids[pre])
     X = np.zeros((len(reqs), len(cols) * E))
     for j, li in enumerate(cols):
@@ -209,12 +221,20 @@ def signatures(trace: Trace, layers: tuple[int, ...] | list[int]) -> tuple[np.nd
         flat = np.repeat(row, ids.shape[1]) * (len(cols) * E) + j * E + ids.ravel()
         X += np.bincount(flat, minlength=X.size).reshape(X.shape)
     ok = X.sum(axis=1) > 0
-    # Each layer's block to unit norm, then the whole to unit norm: every layer weighs the same in
-    # the cosine whether its routing is concentrated or spread.
-    blocks = X.reshape(len(reqs), len(cols), E)
-    norms = np.linalg.norm(blocks, axis=2, keepdims=True)
-    blocks /= np.where(norms > 0, norms, 1.0) * math.sqrt(len(cols))
-    return reqs, blocks.reshape(len(reqs), -1), ok
+    return reqs, normalize_counts(X.reshape(len(reqs), len(cols), E)).reshape(len(reqs), -1), ok
+
+
+def normalize_counts(counts: np.ndarray) -> np.ndarray:
+    """Signatures [..., L, E] from per-layer expert counts [..., L, E] (float64).
+
+    Each layer's block to unit norm, then the whole to unit norm: every layer weighs the same in
+    the cosine whether its routing is concentrated or spread. All-zero rows stay zero. The trace
+    path (`signatures`) and the served router (`router.signature`) both use this one function."""
+    blocks = np.array(counts, dtype=np.float64)
+    L = blocks.shape[-2]
+    norms = np.linalg.norm(blocks, axis=-1, keepdims=True)
+    blocks /= np.where(norms > 0, norms, 1.0) * math.sqrt(L)
+    return blocks
 
 
 def first_layers(trace: Trace, count: int) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("vllm_moeplace.cli.evaluate", "score plans and baselines on a trace"),
     "validate": ("vllm_moeplace.cli.validate", "check a plan file against the specification"),
     "export": ("vllm_moeplace.cli.export", "write a plan for SGLang, TensorRT-LLM or vLLM's static-map PR"),
+    "route": ("vllm_moeplace.cli.route", "request router of a request-aware plan, in front of vLLM's DP ranks"),
     "bench": ("vllm_moeplace.cli.bench", "serving benchmark: default layout vs plans on real vLLM"),
     "demo": ("vllm_moeplace.cli.demo", "the main job end to end on the embedded default"),
 }
