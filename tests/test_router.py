@@ -84,6 +84,9 @@ def test_backends_one_per_rank_or_one_pinned_by_header() -> None:
     assert [(b.url, b.header_rank) for b in per] == [("http://a", None), ("http://b", None)]
     one = backends_for(["http://a"], 3)
     assert [(b.url, b.header_rank) for b in one] == [("http://a", 0), ("http://a", 1), ("http://a", 2)]
+    hybrid = backends_for(["http://n0", "http://n0", "http://n1", "http://n1"], 4)  # one API server per node
+    assert [(b.url, b.header_rank) for b in hybrid] == [("http://n0", 0), ("http://n0", 1), ("http://n1", 0),
+                                                          ("http://n1", 1)]
     with pytest.raises(RouterSetupError, match="2 URL"):
         backends_for(["http://a", "http://b"], 3)
 

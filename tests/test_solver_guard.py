@@ -164,3 +164,37 @@ def test_cli_refuses_bad_step_time_input(tmp_path, capsys, flags, words):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and not out.exists() and len(err.splitlines()) == 1
     assert all(w in err for w in words)
+
+
+def test_request_aware_plan_is_timed_with_its_routed_requests(tmp_path):
+    """A request-aware plan is judged as it is served: each test request routed by the plan's
+    router, its tokens starting on its group's node; linear and EPLB with requests spread evenly.
+    Timed with uniform origins instead, the same layout would lose most of what it was built for."""
+    from vllm_moeplace.sim.predict import phase_batches, predict
+    from vllm_moeplace.solver.guard import resolve
+    from vllm_moeplace.solver.request_groups import RequestGroupOptions
+
+    rng = np.random.default_rng(2)
+    ids, req, pre = [], [], []
+    for r in range(80):  # even requests use experts 0..7, odd ones 8..15, in prefill and decode
+        base = (r % 2) * 8
+        for t in range(20):
+            ids.append(rng.choice(8, 2, replace=False) + base)
+            req.append(r)
+            pre.append(t < 4)
+    trace = trace_from_ids(np.array(ids), E, request_ids=req, is_prefill=pre)
+    (tmp_path / "shape.json").write_text(json.dumps(SHAPE))
+    topo = Topology.uniform(R, 4)  # 2 nodes: one group per node
+    opts = SolveOptions(time_limit=2, train_fraction=0.5, deterministic=True, max_imbalance=1.3,
+                        model_shape=str(tmp_path / "shape.json"), phase_mix=0.5)
+    plan = solve(trace, topo, opts, request_groups=RequestGroupOptions(2))
+    st = plan.solver["step_time"]
+    assert st["checked"] and st["written"] == "plan" and plan.request_routing is not None
+    assert st["plan_origins"].startswith("requests routed by the plan's request_routing")
+    t = st["predicted_ms"]
+    assert t["plan"]["mix"] < 0.9 * t["linear"]["mix"]
+    # The same layout timed with requests spread evenly: what the verdict would have been.
+    test = trace.split_by_request(0.5)[1]
+    model = resolve(trace.split_by_request(0.5)[0], topo, opts, required=True).model
+    uniform = predict(plan.layers, topo, test, model, phase_batches(test, model, R))["mix"]
+    assert t["plan"]["mix"] < 0.9 * uniform

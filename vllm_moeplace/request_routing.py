@@ -365,14 +365,16 @@ class Router:
         return out
 
 
-def route_trace(routing: RequestRouting, trace: Trace, window: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def route_trace(routing: RequestRouting, trace: Trace, window: int = 1,
+                prefix_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(group of each token [T], group of each request [n] in arrival order = ascending id).
 
     Each request is routed from its own prefill signature only (requests without one by the
-    fallback), one at a time (window 1) or in windows of consecutive arrivals (`route_window`)."""
+    fallback), one at a time (window 1) or in windows of consecutive arrivals (`route_window`);
+    prefix_tokens > 0: from its first prefill tokens only (`moeplace route --signature-prefix-tokens`)."""
     if window < 1:
         raise RoutingError(f"router window {window}: must be >= 1")
-    reqs, X, ok = signatures(trace, routing.layers)
+    reqs, X, ok = signatures(trace, routing.layers, prefix_tokens)
     router = Router(routing)
     req_group = np.empty(len(reqs), dtype=np.int64)
     for s in range(0, len(reqs), window):

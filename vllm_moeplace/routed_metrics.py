@@ -122,7 +122,7 @@ class RoutingScore:
                 "fallback_requests": self.fallback_requests}
 
 
-def score_routing(plan: Plan, trace: Trace, window: int = 1) -> RoutingScore:
+def score_routing(plan: Plan, trace: Trace, window: int = 1, prefix_tokens: int = 0) -> RoutingScore:
     """Route each request of `trace` by the plan's router from its own prefill signature (never
     its decode routing; `window` consecutive arrivals at a time), score the placement with those
     origins, and with requests spread evenly."""
@@ -131,10 +131,10 @@ def score_routing(plan: Plan, trace: Trace, window: int = 1) -> RoutingScore:
     routing = plan.request_routing
     if routing is None:
         raise ValueError(f"{plan.source}: the plan has no request_routing section")
-    tok_group, req_group = route_trace(routing, trace, window)
+    tok_group, req_group = route_trace(routing, trace, window, prefix_tokens)
     G = routing.num_groups
     routed = evaluate_routed(plan.layers, plan.topology, trace, tok_group, routing.group_ranks)
     spread = evaluate_routed(plan.layers, plan.topology, trace, np.full(trace.num_tokens, -1), routing.group_ranks)
     tok_share = float(np.bincount(tok_group, minlength=G).max() * G / max(trace.num_tokens, 1))
-    ok = signatures(trace, routing.layers)[2]
+    ok = signatures(trace, routing.layers, prefix_tokens)[2]
     return RoutingScore(routed, spread, share_imbalance(req_group, G), tok_share, int((~ok).sum()))

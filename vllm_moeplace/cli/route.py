@@ -18,9 +18,10 @@ from vllm_moeplace.router.signature import RouterSetupError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", required=True, help="plan with a request_routing section (solve --request-groups)")
     parser.add_argument("--backend", action="append", required=True, metavar="URL",
-                        help="vLLM API server of DP rank 0, 1, ... in order (one per DP rank: vLLM's external "
-                             "load-balancing shape), or one URL fronting all DP ranks (pinned by vLLM's "
-                             "X-data-parallel-rank header)")
+                        help="vLLM API server of DP rank 0, 1, ... in order: one per DP rank (vLLM's external "
+                             "load balancing), a URL repeated once per DP rank its server fronts (hybrid: one per "
+                             "node), or one URL for all; shared servers are pinned by vLLM's X-data-parallel-rank "
+                             "header")
     parser.add_argument("--signature-server", metavar="URL",
                         help="vLLM server that computes signatures (default: the first backend)")
     parser.add_argument("--signature-source", choices=("capture", "routed-experts"), default="capture",
@@ -68,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     state = RouterState(routing, backends, sig)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call otherwise
-    shape = ("one API server per DP rank" if backends[0].header_rank is None
-             else f"one API server, pinned by the X-data-parallel-rank header")
+    servers = len({b.url for b in backends})
+    shape = ("one API server per DP rank" if servers == dp else
+             f"{servers} API server(s), pinned by the X-data-parallel-rank header")
     # Bind first (port 0: the system chooses) so the line below names the port really listened on.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -35,14 +35,26 @@ class Backend:
 
 
 def backends_for(urls: list[str], dp_ranks: int) -> list[Backend]:
-    """One backend per DP rank: one URL per rank, or one URL for all ranks (header pinning)."""
+    """One backend per DP rank, from `--backend` URLs in DP-rank order.
+
+    - one URL per DP rank: vLLM's external load-balancing shape (`--data-parallel-rank` per server);
+    - a URL listed k times: that API server fronts k consecutive DP ranks (vLLM's hybrid shape, one
+      API server per node) and the request is pinned by `X-data-parallel-rank` = the rank's index
+      among that server's ranks (vLLM indexes its engines in rank order);
+    - one URL for all DP ranks: the same with a single API server (internal load balancer)."""
     urls = [u.rstrip("/") for u in urls]
-    if len(urls) == dp_ranks:
-        return [Backend(u) for u in urls]
     if len(urls) == 1:
-        return [Backend(urls[0], r) for r in range(dp_ranks)]
-    raise RouterSetupError(f"--backend: {len(urls)} URL(s) given; the plan's request_routing has {dp_ranks} DP ranks "
-                           f"(give one URL per DP rank, or one URL whose API server fronts all {dp_ranks})")
+        urls = urls * dp_ranks
+    if len(urls) != dp_ranks:
+        raise RouterSetupError(f"--backend: {len(urls)} URL(s) given; the plan's request_routing has {dp_ranks} DP "
+                               f"ranks (give one URL per DP rank in rank order, repeating a URL for each DP rank its "
+                               f"API server fronts, or one URL whose API server fronts all {dp_ranks})")
+    out, seen = [], {}
+    for u in urls:
+        shared = urls.count(u) > 1
+        out.append(Backend(u, seen.get(u, 0) if shared else None))
+        seen[u] = seen.get(u, 0) + 1
+    return out
 
 
 @dataclass

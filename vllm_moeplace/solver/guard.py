@@ -65,8 +65,14 @@ def check(
     topology: Topology,
     options: SolveOptions,
     resolved: Resolved,
+    routing: Any = None,
 ) -> GuardOutcome:
-    """Predict plan vs baselines and decide which layers to write."""
+    """Predict plan vs baselines and decide which layers to write.
+
+    `routing` (a request-aware plan's `RequestRouting`): the plan is timed as it is served, each
+    test request routed by the plan's router and its tokens starting on its group's ranks; the
+    baselines as vLLM runs them, requests spread evenly. Nothing else would be a fair verdict: with
+    uniform origins a placement built for routed requests looks like a plain one."""
     if resolved.model is None:
         rec = {"checked": False, "reason": f"step time not predicted: {resolved.reason}"}
         return GuardOutcome(layers, "plan", rec, None)
@@ -76,6 +82,16 @@ def check(
     held_out = options.train_fraction < 1.0
     test = trace.split_by_request(options.train_fraction)[1] if held_out else trace
     batches = phase_batches(test, model, topology.ep_size)
+    plan_batches = batches
+    if routing is not None:
+        from vllm_moeplace.request_routing import route_trace
+
+        try:
+            plan_batches = phase_batches(test, model, topology.ep_size,
+                                         routed=(route_trace(routing, test)[0], routing.group_ranks))
+        except SimParamsError as e:  # a group that got no token of a phase: no routed prediction
+            rec = {"checked": False, "reason": f"step time of the routed requests not predicted: {e}"}
+            return GuardOutcome(layers, "plan", rec, None)
     red = max(0, next(iter(layers.values())).shape[1] - trace.num_experts // topology.ep_size)
     candidates: dict[str, dict[int, np.ndarray]] = {"plan": layers}
     skipped = {}
@@ -87,7 +103,8 @@ def check(
             candidates[name] = baseline_layers(name, train, topology, red)
         except BaselineError as e:
             skipped[name] = str(e)
-    times = {name: predict(lay, topology, test, model, batches) for name, lay in candidates.items()}
+    times = {name: predict(lay, topology, test, model, plan_batches if name == "plan" else batches)
+             for name, lay in candidates.items()}
     plan_t, lin_t = times["plan"]["mix"], times["linear"]["mix"]
     slower = plan_t > lin_t * (1.0 + _REL_EPS)
     written, warning = "plan", None
@@ -101,11 +118,15 @@ def check(
         else:
             written = best
             warning = what + f"; wrote the {best} layout instead ({times[best]['mix']:.3f} ms; --keep-plan keeps the plan)"
+            if routing is not None:
+                warning += "; the plan's request_routing is dropped with it (it was fitted for the replaced placement)"
     record: dict[str, Any] = {
         "checked": True,
         **model.describe(),
         "evaluated_on": "held-out requests" if held_out else "train requests (train_fraction 1: nothing held out)",
         "batches_from": batch_sources(test),
+        "plan_origins": ("requests routed by the plan's request_routing (baselines: spread evenly)"
+                         if routing is not None else "spread evenly"),
         "predicted_ms": times,
         "plan_vs_linear": plan_t / lin_t if lin_t > 0 else None,
         "slower_than_linear": bool(slower),

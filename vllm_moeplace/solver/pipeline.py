@@ -95,7 +95,8 @@ def solve(
     layers = {int(train.layer_ids[l]): r.layout for l, r in enumerate(outcome.results)}
 
     # ---- guard: never slower than the default (predicted) -------------------------------------
-    checked = guard.check(layers, trace, train, topology, options, step)
+    checked = guard.check(layers, trace, train, topology, options, step,
+                          routing=None if grouping is None else grouping.routing)
     if checked.warning:
         warnings.warn(checked.warning, stacklevel=2)
     solver = report.to_json()
@@ -111,9 +112,10 @@ def solve(
         topology=topology,
         layers=checked.layers,
         solver=solver,
-        request_routing=None if grouping is None else grouping.routing,
+        # A baseline written by the guard keeps no request routing: it was fitted for the plan.
+        request_routing=None if grouping is None or checked.written != "plan" else grouping.routing,
     )
-    if grouping is not None:
+    if grouping is not None and checked.written == "plan":
         plan.solver["request_groups"] = {
             "num_groups": request_groups.num_groups, "signature_layers": list(grouping.routing.layers),
             "max_share": request_groups.max_share, "train_share_imbalance": grouping.train_share_imbalance,
