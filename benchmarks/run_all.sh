@@ -27,5 +27,7 @@ step scale      python benchmarks/solver_scale.py --only-sweep
 step simulate   python benchmarks/simulate.py
 step load       python benchmarks/load_time.py --repeats 7
 step profile    python benchmarks/profile_overhead.py --repeats 5 --out benchmarks/results/profile_overhead.md
+step request   python benchmarks/request_aware.py
+step request   python benchmarks/router_signature_cost.py
 step serving    python benchmarks/serve_bench.py
 echo "done: see benchmarks/results/ and docs/analysis/"
