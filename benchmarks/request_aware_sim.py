@@ -59,7 +59,7 @@ def main() -> int:
     for key, model, batch_names, kw, depth in CASES:
         trace = load_named_trace(key)
         train, test = trace.split_by_request(0.5)
-        opts = SolveOptions(time_limit=args.time_limit, deterministic=True, **kw)
+        opts = SolveOptions(time_limit=args.time_limit, deterministic=True, keep_plan=True, **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plain = solve(train, topo, opts)
