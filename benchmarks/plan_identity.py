@@ -119,7 +119,8 @@ def main() -> int:
     for name in args.case or list(CASES):
         ref_file = args.ref / f"{name}.json"
         if args.mode == "record":
-            wall = solve_case(name, args.ref, ref_file)
+            # Same flags as compare: the step-time guard must not swap either side's plan for a baseline.
+            wall = solve_case(name, args.ref, ref_file, COMPARE_FLAGS)
             print(f"{name}: recorded {ref_file} ({wall:.0f} s)")
             continue
         new_file = args.ref / f"{name}.new.json"

@@ -47,7 +47,7 @@ def test_demo_main_job(tmp_path):
     for expected in (
         "moeplace tiny-model --arch qwen3_moe --layers 4 --experts 16 --top-k 4 --out",
         "moeplace profile ",
-        "--tensor-parallel-size 2 --enable-expert-parallel --dtype float32 --moe-cpu-ep-fix",
+        "--tensor-parallel-size 2 --enable-expert-parallel --dtype float32 --moe-cpu-ep-fix --enforce-eager",
         "moeplace solve --trace ",
         "--ep-size 2 --ranks-per-node 1 --redundant-per-rank 1",
         "--model-name",

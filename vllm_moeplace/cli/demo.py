@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
            "--layers", "4", "--experts", "16", "--top-k", "4", "--out", str(model))
     st.run("2. profile it in vLLM (TP2 + expert parallel, CPU)", "profile", str(model), "--prompts", str(prompts),
            "--out", str(trace), "--max-tokens", str(args.max_tokens), "--tensor-parallel-size", "2",
-           "--enable-expert-parallel", "--dtype", "float32", "--moe-cpu-ep-fix", "--no-progress")
+           "--enable-expert-parallel", "--dtype", "float32", "--moe-cpu-ep-fix", "--enforce-eager", "--no-progress")
+    # (--enforce-eager: a one-shot profile need not pay torch.compile; the routing capture inside
+    # compiled graphs is exercised by stage 4, whose `vllm serve` runs compiled and captures.)
     # One redundant copy per rank: what production placements (EPLB, SGLang, TensorRT-LLM) rely on,
     # and it makes the server use the mapping mechanism (docs/serving.md), the general one.
     st.run("3. solve a placement for EP2 (each rank its own node, one redundant copy per rank)", "solve",
