@@ -72,3 +72,30 @@ def test_section_renders_rows_and_reading():
     assert "| aware | routed | 12.00 | +20.0% |" in md and "| 1.000 | -50.0% |" in md
     assert "held-out share 1.040" in md and "hand-written words" in md and "commit abc" in md
     assert "| 0.500 | – |" in md  # no decode tokens: null, shown as a dash
+
+
+def test_only_request_aware_merges_a_section_and_keeps_the_other_rows(tmp_path, monkeypatch):
+    from vllm_moeplace.sim import suite as sim
+    from vllm_moeplace.trace import load_trace, save_trace
+
+    trace = tmp_path / "syn.npz"
+    save_trace(trace, two_populations(n_req=24))
+    params = json.loads((ROOT / "benchmarks" / "sim_params.json").read_text())
+    params["models"]["syn"] = dict(params["models"]["deepseek-v2-lite"], num_experts=16, top_k=2)
+    params["batches"] = {"small": {"tokens_per_rank": 8, "phase": "decode", "steps": 1}}
+    pfile = tmp_path / "params.json"
+    pfile.write_text(json.dumps(params))
+    out = tmp_path / "results"
+    common = ["--params", str(pfile), "--out", str(out), "--cpsat-seconds", "0.5"]
+    assert sim.main(["--trace", str(trace), "--model", "syn", "--topologies", "4x2", "--batches", "small"] + common) == 0
+    (out / "simulation_syn.json").rename(out / "simulation.json")
+    before = json.loads((out / "simulation.json").read_text())
+    monkeypatch.setattr(sim, "load_named_trace", lambda key: load_trace(trace))
+    monkeypatch.setattr(ra, "cases", lambda quick: [ra.Case("syn", "syn", ((4, 2),), ("small",), 0, 1.3, 0)])
+    assert sim.main(["--only", "request-aware"] + common) == 0
+    after = json.loads((out / "simulation.json").read_text())
+    assert after["rows"] == before["rows"]  # the suite's rows are left as they were
+    block = after["request_aware"]
+    assert "--only request-aware" in block["command"] and len(block["rows"]) == len(ra.ROWS)
+    md = (out / "simulation.md").read_text()
+    assert "## Request-aware placement: origins from the router" in md and "| aware | routed |" in md
