@@ -28,6 +28,7 @@ import numpy as np
 
 from vllm_moeplace.metrics import evaluate_layers
 from vllm_moeplace.plan import Topology
+from vllm_moeplace.sim import request_aware as ra
 from vllm_moeplace.sim.network import Hardware, ModelShape, SimParams, load_params
 from vllm_moeplace.sim.report import Row, all_tables, plot_breakdown, plot_time_vs_ep, ratio, summary_table
 from vllm_moeplace.sim.run import sample_batches, simulate
@@ -372,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--add-layouts", metavar="L1,L2",
                    help="suite mode: compute only these layouts (e.g. step_time) for the suite's scenarios and merge their rows "
                         "into the saved simulation.json (same seeded batches, so the other rows stay valid), then redraw")
+    p.add_argument("--only", choices=[ra.KEY],
+                   help="suite mode: run only this section (request-aware: request-aware plans timed with origins from their "
+                        "router, sim/request_aware.py) and put it into the saved simulation.json, then redraw; the full suite "
+                        "runs it after the other scenarios")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.render_only:
@@ -403,21 +408,44 @@ def main(argv: list[str] | None = None) -> int:
     added = args.add_layouts.split(",") if args.add_layouts else None
     if added and (args.trace or not (out / f"{stem}.json").exists()):
         p.error("--add-layouts merges into the saved suite results: run the full suite first (and without --trace)")
+    if args.only and (args.trace or added or not (out / f"{stem}.json").exists()):
+        p.error("--only merges into the saved suite results: run the full suite first (without --trace or --add-layouts)")
+    if args.only:
+        block = _request_aware(args.quick, params, hw_name, cpsat_seconds, command)
+        data = json.loads((out / f"{stem}.json").read_text())
+        data["request_aware"] = block
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+        render(data, out, stem)
+        print(f"wrote the request-aware section into {out / (stem + '.json')} and {stem}.md ({block['wall_seconds']:.0f} s)")
+        return 0
     for sc in scenarios:
         rows += run_scenario(sc, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True), added)
     elapsed = time.perf_counter() - t0
     if added:
         return _merge(out, stem, rows, command, cpsat_seconds, elapsed, load_before)
+    # The suite's request-aware section (own solves and batches: the rows above do not depend on it).
+    block = None if args.trace else _request_aware(args.quick, params, hw_name, cpsat_seconds, command)
     data = {
         "command": command, "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": load_before, "load_after": _load(), "wall_seconds": round(elapsed, 1),
         "hardware": hw_name, "cpsat_seconds": cpsat_seconds, "cpsat_available": "cpsat" in available_layouts(),
         "suite": not args.trace, "params": json.loads(Path(args.params).read_text()), "rows": [r.as_dict() for r in rows],
     }
+    if block is not None:
+        data["request_aware"] = block
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     render(data, out, stem)
     print(f"wrote {out / (stem + '.md')} ({elapsed:.0f} s)")
     return 0
+
+
+def _request_aware(quick: bool, params: SimParams, hw_name: str, cpsat_seconds: float, command: str) -> dict:
+    """The request-aware section's rows with their own provenance (it can be re-run alone: --only)."""
+    load_before, t0 = _load(), time.perf_counter()
+    rows = ra.run(ra.cases(quick), load_named_trace, params, hw_name, cpsat_seconds, lambda s: print(s, flush=True))
+    return {"command": command, "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_before": load_before, "load_after": _load(), "wall_seconds": round(time.perf_counter() - t0, 1),
+            "cpsat_seconds": cpsat_seconds, "hardware": hw_name, "rows": [r.as_dict() for r in rows]}
 
 
 def _merge(out: Path, stem: str, rows: list[Row], command: str, cpsat_seconds: float, elapsed: float, load_before: str) -> int:
@@ -505,15 +533,20 @@ def render(data: dict, out: Path, stem: str) -> None:
     md += ["", "## Per scenario, all layouts side by side", "", all_tables(rows), f"![breakdown]({pngs[-1]})", ""]
     if data["suite"]:
         md.append(seeds_section(rows, hw_name))
+    if "request_aware" in data:
+        md.append(ra.section(data["request_aware"]))
     md += [
         "## Limits of these numbers",
         "",
         "- A model, not a measurement: no congestion beyond each GPU's own links, no switch oversubscription, no "
         "kernel launch jitter; latencies and compute efficiencies are assumptions stated in the parameter file.",
         "- Batches are tokens drawn at random from the held-out requests and dealt uniformly to ranks (the metrics' "
-        "assumption); real prefill batches hold whole prompts, whose tokens route alike, so real per-step skew is larger.",
+        + ("assumption; the request-aware section's *routed* rows excepted)" if "request_aware" in data else "assumption)")
+        + "; real prefill batches hold whole prompts, whose tokens route alike, so real per-step skew is larger.",
         *(["- The DeepSeek-V2-Lite trace is prefill only: its `decode` rows reuse prefill routing at decode batch size."] if data["suite"] else []),
-        "- No redundant experts anywhere here (all layouts hold E/R experts per rank).",
+        ("- No redundant experts in the layouts of the sections above (all hold E/R experts per rank); the request-aware "
+         "section's solver plans have copies where its setting line says so."
+         if "request_aware" in data else "- No redundant experts anywhere here (all layouts hold E/R experts per rank)."),
         "",
     ]
     (out / f"{stem}.md").write_text("\n".join(md))
