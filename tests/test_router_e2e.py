@@ -31,17 +31,31 @@ from vllm_moeplace.router.signature import SignatureClient
 pytestmark = pytest.mark.vllm
 
 A = "The quick brown fox jumps over the lazy dog near the river bank at dawn."
-B = "12 + 35 = 47; 98 - 41 = 57; 6 x 7 = 42; 81 / 9 = 9; 100 - 1 = 99."
+# B is long enough (> 256 tokens, the CPU KV block) for the shared-storage KV connector to hand its
+# prefill over from the signature server to the decode rank.
+B = " ".join(f"{a} + {b} = {a + b};" for a, b in zip(range(12, 60), range(35, 83)))
 SIG_LAYERS = [1, 2, 3]
-ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"]
+
+
+def _kv(path) -> list[str]:
+    """vLLM's shared-storage KV connector (ExampleConnector, runs on CPU): every prefill's full KV
+    blocks are stored under `path`, and a server whose prompt prefix is stored loads it instead of
+    recomputing it: the disaggregated shape, prefill at the signature server, decode at the rank."""
+    cfg = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+           "kv_connector_extra_config": {"shared_storage_path": str(path)}}
+    return ["--kv-transfer-config", json.dumps(cfg)]
+
+
+def _metric(url: str, name: str) -> int:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")))
 
 
 def _served(url: str) -> int:
     """Requests this server finished (vLLM's own counter)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:request_success_total{")))
+    return _metric(url, "vllm:request_success_total")
 
 
 def _deltas(s0, s1, n0: int, n1: int, want: tuple[int, int]) -> tuple[int, int]:
@@ -69,12 +83,13 @@ def _completion(model: str, prompt, **kw) -> dict:
 def servers(tiny_model_factory, tmp_path_factory):
     model = tiny_model_factory(arch="qwen3_moe", num_layers=4, num_experts=16, top_k=4)
     logs = tmp_path_factory.mktemp("router_servers")
+    kv = _kv(logs / "kv")
     sig_env = {"VLLM_MOEPLACE_CAPTURE": "1", "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
-    s0 = VllmServer(str(model), ENGINE + ["--worker-extension-cls",
+    s0 = VllmServer(str(model), ENGINE + kv + ["--worker-extension-cls",
                                           "vllm_moeplace.router.extension.RouterSignatureExtension",
                                           "--additional-config", json.dumps({"moeplace_capture": {"weights": False}})],
                     env=sig_env, log_path=logs / "rank0.log")
-    s1 = VllmServer(str(model), ENGINE, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}, log_path=logs / "rank1.log")
+    s1 = VllmServer(str(model), ENGINE + kv, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}, log_path=logs / "rank1.log")
     errors: list[BaseException] = []
 
     def start(s: VllmServer) -> None:
@@ -147,10 +162,14 @@ def test_router_pins_requests_by_signature_and_replies_like_a_direct_call(router
     out_a, h = _post(url, "/v1/completions", _completion(model, A))
     assert (h["x-moeplace-group"], h["x-moeplace-dp-rank"], h["x-moeplace-route"]) == ("0", "0", "signature")
     assert _deltas(s0, s1, n0, n1, (2, 0)) == (2, 0)
-    # B's home is rank 1: only its signature call runs on rank 0.
+    # B's home is rank 1: only its signature call runs on rank 0, whose prefill rank 1 loads
+    # through the KV connector instead of recomputing it (whole 256-token blocks).
+    hits = _metric(s1.base_url, "vllm:external_prefix_cache_hits_total")
     out_b, h = _post(url, "/v1/completions", _completion(model, B))
     assert (h["x-moeplace-group"], h["x-moeplace-dp-rank"], h["x-moeplace-route"]) == ("1", "1", "signature")
     assert _deltas(s0, s1, n0, n1, (3, 1)) == (3, 1)
+    assert out_b["usage"]["prompt_tokens"] > 256
+    assert _metric(s1.base_url, "vllm:external_prefix_cache_hits_total") - hits >= 256
     # Replies equal a direct call to either rank (same weights, greedy).
     for out, prompt in ((out_a, A), (out_b, B)):
         for s in (s0, s1):
