@@ -39,6 +39,15 @@ L4 = ROOT.parent / "shared" / "data" / "raw" / "orders-in-chaos-llama4-mmlu-abst
 OUT = ROOT / "benchmarks" / "results" / "request_aware.md"
 
 
+def load_llama4() -> Trace:
+    """The shared Llama-4 MMLU trace, imported from its raw JSON by the `moeplace import` command."""
+    with tempfile.TemporaryDirectory() as tmp:
+        l4 = Path(tmp) / "llama4.npz"
+        subprocess.run([sys.executable, "-m", "vllm_moeplace", "import", "--format", "orders-in-chaos", str(L4),
+                        "--num-experts", "128", "--out", str(l4)], check=True, capture_output=True)
+        return load_trace(l4)
+
+
 def random_split(trace: Trace, seed: int) -> tuple[Trace, Trace]:
     """Requests split at random into halves (seed), tokens kept with their request."""
     reqs = np.unique(trace.request_ids)
@@ -80,11 +89,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     lines = ["# Request-aware placement (issue 12)", "", "```sh", command(), "```", "",
              f"Commit {commit()}; machine: {machine()}; load average at start {loadavg()}.", ""]
-    with tempfile.TemporaryDirectory() as tmp:
-        l4 = Path(tmp) / "llama4.npz"
-        subprocess.run([sys.executable, "-m", "vllm_moeplace", "import", "--format", "orders-in-chaos", str(L4),
-                        "--num-experts", "128", "--out", str(l4)], check=True, capture_output=True)
-        trace = load_trace(l4)
+    trace = load_llama4()
     topo = Topology.uniform(8, 4)
     lines += [
         "## Llama-4-Maverick MMLU abstract_algebra, EP8 over 2 nodes",

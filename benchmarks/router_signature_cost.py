@@ -15,16 +15,14 @@ Writes benchmarks/results/router_signature_cost.md.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from _common import command, commit, loadavg, machine  # noqa: E402  (benchmarks/ is sys.path[0])
-from request_aware import L4, random_split  # noqa: E402
+from request_aware import load_llama4, random_split  # noqa: E402
 
 from vllm_moeplace.plan import Topology
 from vllm_moeplace.request_routing import route_trace
@@ -32,7 +30,6 @@ from vllm_moeplace.routed_metrics import evaluate_routed, score_routing
 from vllm_moeplace.solver.options import SolveOptions
 from vllm_moeplace.solver.pipeline import solve
 from vllm_moeplace.solver.request_groups import RequestGroupOptions
-from vllm_moeplace.trace import load_trace
 
 OUT = Path(__file__).resolve().parent / "results" / "router_signature_cost.md"
 PREFIXES = (0, 32, 16, 8, 4, 1)
@@ -43,11 +40,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--time-limit", type=float, default=10.0)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        l4 = Path(tmp) / "llama4.npz"
-        subprocess.run([sys.executable, "-m", "vllm_moeplace", "import", "--format", "orders-in-chaos", str(L4),
-                        "--num-experts", "128", "--out", str(l4)], check=True, capture_output=True)
-        trace = load_trace(l4)
+    trace = load_llama4()
     topo = Topology.uniform(8, 4)
     pre_len = np.bincount(trace.request_ids[trace.is_prefill])
     lines = ["# Router signature at arrival: what a prompt prefix costs (issue 12, colocated DP)", "", "```sh",
