@@ -30,4 +30,5 @@ step profile    python benchmarks/profile_overhead.py --repeats 5 --out benchmar
 step request   python benchmarks/request_aware.py
 step request   python benchmarks/router_signature_cost.py
 step serving    python benchmarks/serve_bench.py
+step serving    python benchmarks/router_overhead.py
 echo "done: see benchmarks/results/ and docs/analysis/"
