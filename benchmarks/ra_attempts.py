@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--max-share", type=float, default=1.10)
     ap.add_argument("--balance-risk", type=float, default=0.0)
     ap.add_argument("--signature-layers", type=int, default=0)
+    ap.add_argument("--everywhere", action="store_true", help="RequestGroupOptions.everywhere_copies")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--cache", default="/tmp/ra_plans")
@@ -56,7 +57,8 @@ def main() -> int:
     cache = Path(args.cache)
     label = (f"{args.copies} copies, cap {args.cap:g}, share cap {args.max_share:g}"
              + (f", balance-risk {args.balance_risk:g}" if args.balance_risk else "")
-             + (f", signature {args.signature_layers} layers" if args.signature_layers else ""))
+             + (f", signature {args.signature_layers} layers" if args.signature_layers else "")
+             + (", hottest copied on every node" if args.everywhere else ""))
     if not OUT.exists():
         OUT.write_text(HEADER)
     with OUT.open("a") as f:
@@ -68,9 +70,9 @@ def main() -> int:
         key = f"c{args.copies}_cap{args.cap:g}_s{seed}_t{args.time_limit:g}" + (f"_br{args.balance_risk:g}" if args.balance_risk else "")
         plain, tp = cached_plan(cache, f"plain_{key}", train, opts, None)
         akey = key + (f"_ms{args.max_share:g}" if args.max_share != 1.10 else "") + (
-            f"_sig{args.signature_layers}" if args.signature_layers else "")
+            f"_sig{args.signature_layers}" if args.signature_layers else "") + ("_ev" if args.everywhere else "")
         aware, ta = cached_plan(cache, f"aware_{akey}", train, opts,
-                                RequestGroupOptions(2, args.signature_layers, args.max_share))
+                                RequestGroupOptions(2, args.signature_layers, args.max_share, args.everywhere))
         base = evaluate_routed(plain.layers, TOPO, held, np.full(held.num_tokens, -1), ())
         s1, s10 = score_routing(aware, held), score_routing(aware, held, window=10)
         p = base.node_sends_decode

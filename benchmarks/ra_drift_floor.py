@@ -104,9 +104,41 @@ def random_deal(counts: np.ndarray, slots: int, rng: np.random.Generator) -> lis
     return out
 
 
+def swap_descent(M: np.ndarray, labels: np.ndarray, P: np.ndarray, iters: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, variances): rows P [n, slots] of item indices after swaps between the row of largest
+    predicted variance w'Mw and any other row while they lower it (no two items of one label, i.e.
+    copies of one expert, in a row)."""
+    P = P.copy()
+    var = np.array([M[np.ix_(p, p)].sum() for p in P])
+    for _ in range(iters):
+        a = int(np.argmax(var))
+        A = P[a].copy()
+        rsA = M[:, A].sum(axis=1)
+        done = False
+        for b in np.argsort(var):
+            if b == a:
+                continue
+            B = P[b].copy()
+            rsB = M[:, B].sum(axis=1)
+            dA = (-2 * rsA[A] + M[A, A])[:, None] + (2 * (rsA[B][None, :] - M[np.ix_(B, A)].T) + M[B, B][None, :])
+            dB = (-2 * rsB[B] + M[B, B])[None, :] + (2 * (rsB[A][:, None] - M[np.ix_(A, B)]) + M[A, A][:, None])
+            newA, newB = var[a] + dA, var[b] + dB
+            ok = np.maximum(newA, newB) < var[a] - 1e-12
+            ok &= ~np.isin(labels[B], labels[A])[None, :] & ~np.isin(labels[A], labels[B])[:, None]
+            if ok.any():
+                i, j = np.unravel_index(int(np.argmin(np.where(ok, np.maximum(newA, newB), np.inf))), ok.shape)
+                var[a], var[b] = newA[i, j], newB[i, j]
+                P[a, i], P[b, j] = B[j], A[i]
+                done = True
+                break
+        if not done:
+            break
+    return P, var
+
+
 def min_variance_deal(counts: np.ndarray, Q: np.ndarray, slots: int, rng: np.random.Generator, starts: int = 3) -> list[list[int]]:
-    """A deal lowering the largest predicted drift variance (items = copies, weight 1 / n_e) by swaps
-    between the rank of largest variance and any other, no two copies of an expert on one rank."""
+    """A deal of the copies (weight 1 / n_e each) lowering the largest predicted drift variance,
+    best of `starts` random deals each descended by `swap_descent`."""
     items = np.repeat(np.arange(len(counts)), counts)
     w = 1.0 / counts[items]
     M = Q[np.ix_(items, items)] * w[:, None] * w[None, :]
@@ -122,33 +154,9 @@ def min_variance_deal(counts: np.ndarray, Q: np.ndarray, slots: int, rng: np.ran
                 row.append(nxt[e])
                 nxt[e] += 1
             rows.append(row)
-        P = np.array(rows)
-        var = np.array([M[np.ix_(p, p)].sum() for p in P])
-        for _ in range(2000):
-            a = int(np.argmax(var))
-            A = P[a]
-            rsA = M[:, A].sum(axis=1)
-            done = False
-            for b in np.argsort(var):
-                if b == a:
-                    continue
-                B = P[b]
-                rsB = M[:, B].sum(axis=1)
-                dA = (-2 * rsA[A] + M[A, A])[:, None] + (2 * (rsA[B][None, :] - M[np.ix_(B, A)].T) + M[B, B][None, :])
-                dB = (-2 * rsB[B] + M[B, B])[None, :] + (2 * (rsB[A][:, None] - M[np.ix_(A, B)]) + M[A, A][:, None])
-                newA, newB = var[a] + dA, var[b] + dB
-                ok = (np.maximum(newA, newB) < var[a] - 1e-12)
-                ok &= ~np.isin(items[B], items[A])[None, :] & ~np.isin(items[A], items[B])[:, None]
-                if ok.any():
-                    i, j = np.unravel_index(int(np.argmin(np.where(ok, np.maximum(newA, newB), np.inf))), ok.shape)
-                    var[a], var[b] = newA[i, j], newB[i, j]
-                    P[a, i], P[b, j] = B[j], A[i]
-                    done = True
-                    break
-            if not done:
-                break
+        P, var = swap_descent(M, items, np.array(rows))
         if best is None or var.max() < best[0]:
-            best = (var.max(), P.copy())
+            best = (var.max(), P)
     assert best is not None
     return [[int(items[i]) for i in row] for row in best[1]]
 
@@ -235,6 +243,28 @@ def oracle_node(items: list[tuple[int, float]], slots: int) -> float:
     return float(tot.max())
 
 
+def item_risk(train: Trace, l: int, h: np.ndarray, tok_group: np.ndarray, gr: tuple, req: np.ndarray) -> np.ndarray:
+    """float [R, E, R, E]-flattened [R*E, R*E]: `load_risk` for copies (rank r's copy of e) when
+    each train request's pairs on e reach the copies its group's origins use (the replica rule's
+    shares for that group; spread requests: the uniform shares), in train pairs squared."""
+    E = train.num_experts
+    ids = train.topk_ids[:, l, :].astype(np.int64)
+    m = int(req.max()) + 1
+    cnt = np.bincount((req[:, None] * E + ids).ravel(), minlength=m * E).reshape(m, E).astype(np.float64)
+    rg = np.full(m, -1)
+    rg[req] = tok_group  # a request's tokens share its group
+    Z = np.zeros((m, R * E))
+    for g in np.unique(rg):
+        one = CopyModel(train, l, origin_weights(np.full(train.num_tokens, g), gr, R), TOPO, 1.0)
+        C = one.columns(h)[0]  # [R, E] per-copy loads if every token came from group g
+        F = C / np.maximum(C.sum(axis=0, keepdims=True), 1e-12)  # share of e's pairs on each copy
+        sel = rg == g
+        Z[sel] = (cnt[sel][:, None, :] * F[None]).reshape(int(sel.sum()), -1)
+    n = cnt.sum(axis=1)
+    Z -= n[:, None] * (Z.sum(axis=0) / n.sum())[None, :]
+    return 2.0 * (Z.T @ Z)
+
+
 def decompose(plan: Plan, train: Trace, held: Trace, routed: bool, window: int, draws: int, rng: np.random.Generator) -> dict:
     """Means over layers of the imbalance figures in section (b)'s table."""
     E = train.num_experts
@@ -245,7 +275,8 @@ def decompose(plan: Plan, train: Trace, held: Trace, routed: bool, window: int, 
     else:
         tg_t, tg_h, gr, rg_h = np.full(train.num_tokens, -1), np.full(held.num_tokens, -1), (), None
     Wt, Wh = origin_weights(tg_t, gr, R), origin_weights(tg_h, gr, R)
-    out = {k: [] for k in ("train", "held", "node", "oracle", "ideal")}
+    req = stats.request_index(train)
+    out = {k: [] for k in ("train", "held", "node", "oracle", "ideal", "ideal_plan", "ideal_minvar")}
     for l, lid in enumerate(train.layer_ids.tolist()):
         lay = np.asarray(plan.layers[int(lid)])
         h = holds_of(lay, E)
@@ -269,6 +300,17 @@ def decompose(plan: Plan, train: Trace, held: Trace, routed: bool, window: int, 
                 tot.append(rng.permutation(its).reshape(G, -1).sum(axis=1).max())
             best.append(max(tot))
         out["ideal"].append(1 + float(np.mean(best)))
+        # idealised, the plan's own in-node arrangement / one minimising the predicted drift
+        # variance of each node's ranks (train requests only; `swap_descent` from the plan's)
+        flat = drift.ravel()
+        out["ideal_plan"].append(1 + max(flat[r * E + lay[r]].sum() for r in range(R)))
+        Q = item_risk(train, l, h, tg_t, gr, req) / mt**2
+        worst = -np.inf
+        for n in range(TOPO.num_nodes):
+            rows = np.array([r * E + lay[r] for r in range(n * G, n * G + G)])
+            P, _ = swap_descent(Q, np.arange(R * E) % E, rows)
+            worst = max(worst, float(flat[P].sum(axis=1).max()))
+        out["ideal_minvar"].append(1 + worst)
     res = {k: float(np.mean(v)) for k, v in out.items()}
     res["share"] = float(np.bincount(rg_h, minlength=2).max() * 2 / len(rg_h)) if rg_h is not None else 1.0
     res["tok_share"] = float(np.bincount(tg_h[tg_h >= 0], minlength=2).max() * 2 / len(tg_h)) if routed else 1.0
@@ -292,7 +334,8 @@ def section_b(trace: Trace, seeds: list[int], time_limit: float, cache: Path, dr
                                                ("aware (routed, window 10)", aware, True, 10)):
                 d = decompose(plan, train, held, routed, window, draws, rng)
                 rows.append(f"| {c}, {cap:g} | {seed} | {name} | {d['train']:.3f} | {d['held']:.3f} | {d['node']:.3f} | "
-                            f"{d['oracle']:.3f} | {d['ideal']:.3f} | {d['share']:.2f} / {d['tok_share']:.3f} |")
+                            f"{d['oracle']:.3f} | {d['ideal']:.3f} / {d['ideal_plan']:.3f} / {d['ideal_minvar']:.3f} | "
+                            f"{d['share']:.2f} / {d['tok_share']:.3f} |")
                 print(rows[-1], f"(solve s {tp:.0f} / {ta:.0f})", flush=True)
     return [
         "### (b) A plan's held-out imbalance, decomposed (spread origins for the plain plan, routed for the aware plan)",
@@ -300,12 +343,15 @@ def section_b(trace: Trace, seeds: list[int], time_limit: float, cache: Path, dr
         f"Solves as in `request_aware.py` (`--deterministic --time-limit {time_limit:g}`, one group per node, router "
         "share cap 1.10). Loads: the replica rule's expected per-copy loads for the origins (`CopyModel`); means over "
         "layers of max / mean. *ideal*: every rank at the mean train load and the node's copies (the plan's partition "
-        f"and copy set) dealt at random over its ranks ({draws} draws per layer). *oracle*: the node's copies re-dealt "
+        f"and copy set) dealt at random over its ranks ({draws} draws per layer), as the plan deals them, or dealt to "
+        "minimise the largest predicted drift variance of a rank (`load_risk` of the copies under the origins, train "
+        "requests only; swaps from the plan's deal). *oracle*: the node's copies re-dealt "
         "knowing the held-out loads. *node*: held-out node imbalance, a lower bound for any in-node arrangement of "
         "the plan's partition and copy set. Share: the larger group's held-out requests / tokens over fair share.",
         "",
         "| copies, cap | seed | plan | train rank imb. | held-out rank imb. | held-out node imb. (lower bound) | "
-        "oracle in-node arrangement | ideal (train-balanced, random in-node) | share requests / tokens |",
+        "oracle in-node arrangement | ideal (train-balanced): random in-node / plan's arrangement / min predicted "
+        "variance in-node | share requests / tokens |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
