@@ -269,6 +269,31 @@ def test_solve_with_request_groups_and_copies_keeps_slots_and_validates():
     assert score_routing(plan, trace).routed.node_sends_decode <= score_routing(plan, trace).spread.node_sends_decode
 
 
+def test_everywhere_copies_put_the_hottest_experts_on_every_node_only_when_asked():
+    # Separated populations: locality alone gives a group's experts no reason to sit on the other
+    # node; the option seeds the plain solver's structure (the hottest experts on every node) first.
+    from vllm_moeplace import trace_stats
+    from vllm_moeplace.solver.replicas import everywhere_set
+
+    trace = two_populations(n_req=30, E=16, K=1)
+    topo = Topology.uniform(4, 2)
+    opts = SolveOptions(time_limit=2.0, deterministic=True, max_imbalance=1.2, redundant_per_rank=2, keep_plan=True)
+    load = trace_stats.expert_load(trace)
+
+    def on_every_node(plan: Plan) -> int:
+        n = 0
+        for l, lid in enumerate(trace.layer_ids.tolist()):
+            lay = np.asarray(plan.layers[lid])
+            n += sum(all(np.isin(e, lay[rs]).any() for rs in topo.nodes) for e in everywhere_set(load[l], topo, 2))
+        return n
+
+    with_flag = solve(trace, topo, opts, request_groups=RequestGroupOptions(2, everywhere_copies=True))
+    without = solve(trace, topo, opts, request_groups=RequestGroupOptions(2))
+    assert on_every_node(with_flag) == 2 * 8 > on_every_node(without)
+    assert with_flag.solver["request_groups"]["everywhere_copies"] is True
+    assert "everywhere_copies" not in without.solver["request_groups"]
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(inter_layer_weight=0.5), "--inter-layer-weight"),
     (dict(objective="hop_cost"), "--objective hop_cost"),

@@ -192,7 +192,13 @@ def solve_layer(
     # ---- Step 3: copies -------------------------------------------------------------------------
     if locality_copies:
         copy_s = copy_time if det else max(B.MIN_LAYER_S, layer_end - bound_time - time.monotonic())
-        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_s, everywhere, q,
+        # Request groups may ask for the plain solver's copies of the hottest experts on every node
+        # too, seeded before the locality copies (no projection out of the partition: the
+        # partition's patterns are keyed by home node; issue 12 attempt, off by default).
+        seed = everywhere
+        if pweight is not None and getattr(objective, "everywhere_copies", False):
+            seed = everywhere_set(load, topology, opt.redundant_per_rank)
+        layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_s, seed, q,
                                                            node_origin)
     elif opt.redundant_per_rank and origins is not None and opt.copy_placement == "locality":
         # request groups inside nodes: copies for the groups' per-rank origins

@@ -120,6 +120,8 @@ def solve(
             "num_groups": request_groups.num_groups, "signature_layers": list(grouping.routing.layers),
             "max_share": request_groups.max_share, "train_share_imbalance": grouping.train_share_imbalance,
         }
+        if request_groups.everywhere_copies:
+            plan.solver["request_groups"]["everywhere_copies"] = True
     validate_plan(plan)
     return plan
 
@@ -139,7 +141,8 @@ def _objective(options: SolveOptions, train: Trace, search: Trace, topology: Top
     if request_groups is not None:
         check_request_groups(options)
         grouping = fit_request_routing(train, topology, request_groups, seed=options.seed)
-        objective = RequestNodeSends(grouping.token_group, grouping.routing.group_ranks, topology.node_of_rank)
+        objective = RequestNodeSends(grouping.token_group, grouping.routing.group_ranks, topology.node_of_rank,
+                                     request_groups.everywhere_copies)
         return options.model_copy(update={"objective": "request_node_sends"}), objective, grouping
     if options.objective == "request_node_sends":
         raise SolveError("--objective request_node_sends needs request groups (--request-groups G)")

@@ -35,6 +35,9 @@ class RequestGroupOptions:
     """The signature reads the prefill routing of the first this-many MoE layers (0: all)."""
     max_share: float = DEFAULT_MAX_SHARE
     """The router's cap on a group's share of requests, x its fair share."""
+    everywhere_copies: bool = False
+    """With locality copies: first give the hottest experts a copy on every node (`replicas.everywhere_set`,
+    as the plain solver does), then the group-priced locality copies."""
 
     def __post_init__(self) -> None:
         if self.num_groups < 1:

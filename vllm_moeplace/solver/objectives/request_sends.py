@@ -29,12 +29,13 @@ class RequestNodeSends(Objective):
     metric: ClassVar[str] = "node_sends"
 
     def __init__(self, token_group: np.ndarray | None = None, group_ranks: tuple[tuple[int, ...], ...] = (),
-                 node_of_rank: np.ndarray | None = None):
+                 node_of_rank: np.ndarray | None = None, everywhere_copies: bool = False):
         # int64 [T_train]: group of each train token's request (-1: no group, spread evenly), the
         # groups' ranks, and from them the home node of each token (-1: none).
         self.token_group = token_group
         self.group_ranks = group_ranks
         self.token_home = None
+        self.everywhere_copies = everywhere_copies  # read by Step 3 (`layer.solve_layer`)
         if token_group is not None and node_of_rank is not None:
             home = np.array([node_of_rank[r[0]] for r in group_ranks] + [-1], dtype=np.int64)
             self.token_home = home[np.asarray(token_group)]  # index -1 picks the trailing -1
