@@ -147,6 +147,9 @@ def router(servers, tmp_path_factory):
         m = re.search(r"listening on (http://\S+)", (d / "router.log").read_text())
         url = m.group(1) if m else time.sleep(0.5)
     assert url, (d / "router.log").read_text()
+    # The printed port accepts at once (the router listens before printing it).
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        assert r.status == 200
     try:
         yield url, str(model), s0, s1, d / "router.log"
     finally:

@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RouterSetupError(f"--host {args.host} --port {args.port}: cannot listen ({e.strerror})") from None
     port = sock.getsockname()[1]
+    # Listening before the line below: a client that reads it may connect at once; the backlog
+    # holds its connection until uvicorn accepts (bound-but-not-listening would refuse it).
+    sock.listen(2048)
     print(f"moeplace router: {routing.num_groups} group(s) over {dp} DP rank(s) ({shape}); signature = "
           f"{routing.kind} at layers {list(routing.layers)} via {args.signature_source} on {sig.url}"
           + (f", first {args.signature_prefix_tokens} prompt tokens" if args.signature_prefix_tokens else "")
