@@ -49,7 +49,8 @@ def _route(tmp_path: Path, plan: dict, *flags: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@pytest.mark.parametrize("case", ["no_section", "backend_count", "unreachable", "negative_prefix", "bad_section"])
+@pytest.mark.parametrize("case", ["no_section", "backend_count", "unreachable", "negative_prefix", "bad_section",
+                                  "port", "timeout"])
 def test_router_refuses_to_start(tmp_path: Path, case: str) -> None:
     dead = f"http://127.0.0.1:{_closed_port()}"
     plan, flags, want = {**PLAN, "request_routing": ROUTING}, ["--backend", dead], ""
@@ -61,6 +62,10 @@ def test_router_refuses_to_start(tmp_path: Path, case: str) -> None:
         want = f"--backend {dead}: not healthy"
     elif case == "negative_prefix":
         flags, want = flags + ["--signature-prefix-tokens", "-1"], "--signature-prefix-tokens -1: must be >= 0"
+    elif case == "port":
+        flags, want = flags + ["--port", "99999"], "--port 99999: must be in 0..65535"
+    elif case == "timeout":
+        flags, want = flags + ["--timeout", "0"], "--timeout 0.0: must be positive"
     elif case == "bad_section":
         bad = json.loads(json.dumps(ROUTING))
         bad["groups"][1]["ranks"] = [0]

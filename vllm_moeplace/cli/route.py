@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if routing is None:
         raise RouterSetupError(f"{args.plan}: no request_routing section; a request router needs a plan solved with "
                                "--request-groups")
+    if not 0 <= args.port <= 65535:
+        raise RouterSetupError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
+    if not args.timeout > 0:
+        raise RouterSetupError(f"--timeout {args.timeout}: must be positive (seconds)")
     if args.signature_prefix_tokens < 0:
         raise RouterSetupError(f"--signature-prefix-tokens {args.signature_prefix_tokens}: must be >= 0")
     dp = sum(len(r) for r in routing.group_ranks)
@@ -77,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
-    except OSError as e:
-        raise RouterSetupError(f"--host {args.host} --port {args.port}: cannot listen ({e.strerror})") from None
+    except (OSError, OverflowError) as e:
+        raise RouterSetupError(f"--host {args.host} --port {args.port}: cannot listen ({getattr(e, 'strerror', None) or e})") from None
     port = sock.getsockname()[1]
     # Listening before the line below: a client that reads it may connect at once; the backlog
     # holds its connection until uvicorn accepts (bound-but-not-listening would refuse it).
