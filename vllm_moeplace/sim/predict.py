@@ -164,9 +164,7 @@ def phase_batches(trace: Trace, model: StepModel, ep_size: int, seed: int = 0, s
     """Seeded batches per phase (phase tokens when the trace has them, else any token); `steps`
     batches per phase (default STEPS; 0 = none, for a phase the mix does not weigh). `routed` =
     (group of each token, ranks of each group): requests routed to groups of DP ranks
-    (`sample_routed_batches`), else every token may start on any rank."""
-    from vllm_moeplace.sim.run import sample_routed_batches
-
+    (`sim.run.sample_batches`), else every token may start on any rank."""
     out = {}
     if steps is None:
         # A prefill batch beyond BIG_BATCH (token, expert) pairs is timed once, not twice: at
@@ -180,8 +178,7 @@ def phase_batches(trace: Trace, model: StepModel, ep_size: int, seed: int = 0, s
             continue
         has = bool(np.any(trace.is_prefill == (ph == "prefill")))
         spec = BatchSpec(tokens_per_rank=model.tokens_per_rank[ph], phase=ph if has else "any", steps=steps[ph], seed=seed)
-        out[ph] = (sample_batches(trace, spec, ep_size) if routed is None
-                   else sample_routed_batches(trace, spec, routed[0], routed[1], ep_size))
+        out[ph] = sample_batches(trace, spec, ep_size, routed)
     return out
 
 

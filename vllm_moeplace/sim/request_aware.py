@@ -29,7 +29,7 @@ from vllm_moeplace.plan import Topology
 from vllm_moeplace.request_routing import route_trace, share_imbalance
 from vllm_moeplace.routed_metrics import evaluate_routed
 from vllm_moeplace.sim.network import BatchSpec, Hardware, ModelShape, SimParams
-from vllm_moeplace.sim.run import sample_batches, sample_routed_batches, simulate
+from vllm_moeplace.sim.run import sample_batches, simulate
 from vllm_moeplace.trace import Trace
 
 KEY = "request-aware"  # the suite's `--only` value and the results JSON's section name ("request_aware")
@@ -125,16 +125,15 @@ def topology_rows(case: Case, train: Trace, test: Trace, topo: Topology, shape: 
     share = share_imbalance(req_group, routing.num_groups)
     layouts = {"linear": (baseline_layers("linear", train, topo), 0.0), "plain": (plain.layers, t_plain),
                "aware": (aware.layers, t_aware)}
-    origin = {"uniform": (np.full(test.num_tokens, -1), ()), "routed": (tok_group, routing.group_ranks)}
+    origin = {"uniform": None, "routed": (tok_group, routing.group_ranks)}  # `sample_batches(routed=)`
+    spread = (np.full(test.num_tokens, -1), ())  # evaluate_routed's "no group": any rank
     R = topo.ep_size
     # Common random numbers: every plan is timed on the same batches of its origin model.
-    batches = {(b, o): (sample_batches(test, specs[b], R) if o == "uniform"
-                        else sample_routed_batches(test, specs[b], tok_group, routing.group_ranks, R))
-               for b in case.batches for o in origin}
+    batches = {(b, o): sample_batches(test, specs[b], R, routed) for b in case.batches for o, routed in origin.items()}
     out = []
     for plan, o in ROWS:
         layers, fit_s = layouts[plan]
-        m = evaluate_routed(layers, topo, test, *origin[o])
+        m = evaluate_routed(layers, topo, test, *(origin[o] or spread))
         for b in case.batches:
             res = simulate(layers, topo, test, hw, shape, batches[(b, o)])
             out.append(RaRow(

@@ -48,7 +48,12 @@ class StepResult:
         return float(self.dispatch.sum() + self.combine.sum())
 
 
-def sample_batches(trace: Trace, batch: BatchSpec, ep_size: int) -> list[Batch]:
+def sample_batches(trace: Trace, batch: BatchSpec, ep_size: int,
+                   routed: tuple[np.ndarray, tuple[tuple[int, ...], ...]] | None = None) -> list[Batch]:
+    """Seeded batches, every token dealt to any rank; `routed` = (group of each token, ranks of
+    each group): requests routed to groups of DP ranks instead (`sample_routed_batches`)."""
+    if routed is not None:
+        return sample_routed_batches(trace, batch, routed[0], routed[1], ep_size)
     if batch.phase == "any":
         pool = np.arange(trace.num_tokens)
     else:
