@@ -196,7 +196,7 @@ def solve_layer(
         # too, seeded before the locality copies (no projection out of the partition: the
         # partition's patterns are keyed by home node; issue 12 attempt, off by default).
         seed = everywhere
-        if pweight is not None and getattr(objective, "everywhere_copies", False):
+        if pweight is not None and objective.everywhere_copies:
             seed = everywhere_set(load, topology, opt.redundant_per_rank)
         layout, rank_imb, node_cost = locality_copies_step(train, l, layout, topology, opt, copy_s, seed, q,
                                                            node_origin)

@@ -84,6 +84,10 @@ class Objective(ABC):
         over all ranks (every objective but request_node_sends)."""
         return None
 
+    # Step 3 with per-pattern weights (`layer_patterns`): also give the hottest experts a copy on
+    # every node before the locality copies, as the plain solver does (request_node_sends option).
+    everywhere_copies: bool = False
+
     # Share of each layer's budget kept for `refine` (0: no refinement).
     refine_share: ClassVar[float] = 0.0
 

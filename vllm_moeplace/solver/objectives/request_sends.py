@@ -35,7 +35,7 @@ class RequestNodeSends(Objective):
         self.token_group = token_group
         self.group_ranks = group_ranks
         self.token_home = None
-        self.everywhere_copies = everywhere_copies  # read by Step 3 (`layer.solve_layer`)
+        self.everywhere_copies = everywhere_copies  # Objective.everywhere_copies, read by Step 3
         if token_group is not None and node_of_rank is not None:
             home = np.array([node_of_rank[r[0]] for r in group_ranks] + [-1], dtype=np.int64)
             self.token_home = home[np.asarray(token_group)]  # index -1 picks the trailing -1
