@@ -61,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
     async def check() -> None:
         async with httpx.AsyncClient(timeout=30.0) as c:
-            for i, url in enumerate(sorted({b.url for b in backends})):
+            for url in sorted({b.url for b in backends}):
                 try:
                     (await c.get(url + "/health")).raise_for_status()
                 except Exception as e:  # noqa: BLE001 - one line naming the backend
                     raise RouterSetupError(f"--backend {url}: not healthy ({type(e).__name__}: {e})") from None
-            sig.client = c
+            sig.bind(c)
             await sig.check()
 
     asyncio.run(check())
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
-    except (OSError, OverflowError) as e:
-        raise RouterSetupError(f"--host {args.host} --port {args.port}: cannot listen ({getattr(e, 'strerror', None) or e})") from None
+    except OSError as e:  # the port's range was checked above
+        raise RouterSetupError(f"--host {args.host} --port {args.port}: cannot listen ({e.strerror or e})") from None
     port = sock.getsockname()[1]
     # Listening before the line below: a client that reads it may connect at once; the backlog
     # holds its connection until uvicorn accepts (bound-but-not-listening would refuse it).

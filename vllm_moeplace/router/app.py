@@ -14,6 +14,7 @@ streamed back as the backend sent it, with `x-moeplace-group`, `x-moeplace-dp-ra
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,8 @@ class RouterState:
     inflight: np.ndarray = field(init=False)
     served: np.ndarray = field(init=False)
     fallbacks: dict[str, int] = field(default_factory=dict)
-    signature_seconds: list[float] = field(default_factory=list)
+    # The last signature times only: a long-running router must not grow with its traffic.
+    signature_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
 
     def __post_init__(self) -> None:
         self.router = Router(self.routing)
@@ -111,7 +113,6 @@ class RouterState:
 def build_app(state: RouterState, timeout: float = 600.0) -> Any:
     """The FastAPI app (vLLM's own server stack: FastAPI + uvicorn + httpx come with vLLM).
     `state.signature` must have passed `check()` (the CLI does it before serving)."""
-    import asyncio
     import contextlib
 
     import httpx
@@ -124,8 +125,7 @@ def build_app(state: RouterState, timeout: float = 600.0) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
         # The HTTP client and the signature lock belong to the serving loop.
-        state.signature.client = client
-        state.signature._lock = asyncio.Lock()
+        state.signature.bind(client)
         yield
         await client.aclose()
 

@@ -85,12 +85,17 @@ class SignatureClient:
                  prefix_tokens: int = 0, timeout: float = 60.0):
         if source not in ("capture", "routed-experts"):
             raise RouterSetupError(f"--signature-source {source!r}: expected capture or routed-experts")
-        self.client, self.url = client, url.rstrip("/")
+        self.url = url.rstrip("/")
         self.layers, self.num_experts = list(layers), int(num_experts)
         self.source, self.prefix_tokens, self.timeout = source, int(prefix_tokens), timeout
         self.model: str | None = None
-        self._lock = asyncio.Lock()
+        self.bind(client)
         self._pending: dict[str, tuple[float, np.ndarray]] = {}
+
+    def bind(self, client: Any) -> None:
+        """Use `client` (an httpx.AsyncClient) from now on, in the event loop it belongs to."""
+        self.client = client
+        self._lock = asyncio.Lock()
 
     async def check(self) -> None:
         """Refuse to start unless the signature server can answer for the plan's layers."""
